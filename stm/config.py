@@ -1,0 +1,77 @@
+"""Config helpers: where the configs live, OmegaConf resolvers, and checks with errors that name the key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def config_dir() -> Path:
+    """The project's `conf/` folder (next to the `stm` package in a checkout or editable install)."""
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    if not (conf / "train.yaml").is_file():
+        raise FileNotFoundError(
+            f"stm's Hydra configs were not found at {conf}; install stm from a checkout with `pip install -e .`"
+        )
+    return conf
+
+
+def wandb_offline() -> bool:
+    """wandb runs offline unless the environment says it may go online (WANDB_MODE or an API key)."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return True
+    if mode == "online":
+        return False
+    return not os.environ.get("WANDB_API_KEY")
+
+
+def _register_resolvers() -> None:
+    resolvers = {
+        "mul": lambda *xs: _product(xs),
+        "stm_wandb_offline": wandb_offline,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def _product(xs):
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+_register_resolvers()
+
+
+def _positive_int(cfg: DictConfig, key: str, allow_none: bool = False) -> None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Check the values a run cannot work without, before anything is built."""
+    for key in ("model", "memory", "task", "data", "trainer", "tokenizer"):
+        if OmegaConf.select(cfg, key) is None:
+            raise ConfigError(f"the config has no '{key}' section; pick one with {key}=<option>")
+    if "segment_len" in cfg.task:
+        _positive_int(cfg, "task.segment_len", allow_none=True)
+    if "n_segments" in cfg.task:
+        _positive_int(cfg, "task.n_segments")
+    if "bptt_depth" in cfg.task:
+        _positive_int(cfg, "task.bptt_depth", allow_none=True)
+    _positive_int(cfg, "data.batch_size")
+    seed = cfg.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ConfigError(f"seed must be a non-negative integer or null, got {seed!r}")

@@ -1,0 +1,119 @@
+"""The `Memory` interface: what a segment may see of the segments before it.
+
+A mechanism keeps an explicit state that is passed in and returned (never hidden in module attributes), so
+the same module serves training, evaluation, generation, DDP and checkpoint resume. The segment loop in
+`stm/segments.py` drives every mechanism the same way:
+
+    state = memory.init_state(batch_size, device)
+    for segment in segments:
+        extras = memory.prepare(state)             # what this segment gets to see
+        outputs = backbone(segment, extras=extras)
+        state = memory.update(state, outputs)      # what this segment leaves behind
+        state = memory.detach(state)               # every `bptt_depth` segments (truncated BPTT)
+
+A backbone understands only `SegmentExtras`; it never knows which mechanism produced them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+State = Any
+"""A mechanism's state: None, a tensor, or a (nested) tuple/list/dict of tensors."""
+
+KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per layer, (keys, values), each (B, H, T, head_dim). Keys are stored *before* rotary embedding."""
+
+
+@dataclass
+class SegmentExtras:
+    """What a segment gets to see besides its own tokens.
+
+    prefix:          (B, P, D) embeddings placed before the segment's tokens (e.g. memory read tokens).
+    suffix:          (B, S, D) embeddings placed after the segment's tokens (e.g. memory write tokens).
+    past_key_values: per layer (keys, values), each (B, H, T_past, head_dim), unrotated; the segment's
+                     queries attend to them as to tokens that came right before the prefix.
+    past_mask:       (B, T_past) bool, True where a cached position holds a real token.
+    window:          if set, a query sees only keys at most `window - 1` positions before it (sliding window).
+    """
+
+    prefix: torch.Tensor | None = None
+    suffix: torch.Tensor | None = None
+    past_key_values: KeyValues | None = None
+    past_mask: torch.Tensor | None = None
+    window: int | None = None
+
+    @property
+    def n_prefix(self) -> int:
+        return 0 if self.prefix is None else self.prefix.shape[1]
+
+    @property
+    def n_suffix(self) -> int:
+        return 0 if self.suffix is None else self.suffix.shape[1]
+
+    @property
+    def n_past(self) -> int:
+        return 0 if not self.past_key_values else self.past_key_values[0][0].shape[2]
+
+
+@dataclass
+class BackboneOutput:
+    """What a backbone returns for one segment.
+
+    logits:              (B, T, V) for the segment's own tokens (prefix and suffix positions excluded).
+    hidden_states:       (B, P + T + S, D) final (normalised) hidden states of every position, memory included.
+    present_key_values:  per layer (keys, values), each (B, H, P + T + S, head_dim), unrotated: this
+                         segment's own keys and values, for mechanisms that cache them.
+    attention_mask:      (B, T) bool, True at real (non-padding) segment tokens; None means all real.
+    n_prefix, n_suffix:  how many prefix / suffix positions `hidden_states` and `present_key_values` hold.
+    """
+
+    logits: torch.Tensor
+    hidden_states: torch.Tensor
+    present_key_values: KeyValues
+    attention_mask: torch.Tensor | None = None
+    n_prefix: int = 0
+    n_suffix: int = 0
+
+
+class Memory(nn.Module):
+    """Base class of memory mechanisms.
+
+    `segmented = False` asks the segment loop to read the whole context as one segment (full attention).
+    Subclasses override the four methods; the defaults describe a mechanism without state.
+    """
+
+    segmented: bool = True
+
+    def init_state(self, batch_size: int, device: torch.device | str) -> State:
+        """Empty state for `batch_size` new documents / stream lanes."""
+        return None
+
+    def prepare(self, state: State) -> SegmentExtras:
+        """What the next segment sees, given the state the previous segments left."""
+        return SegmentExtras()
+
+    def update(self, state: State, outputs: BackboneOutput) -> State:
+        """The state after a segment, given what the backbone produced for it."""
+        return state
+
+    def detach(self, state: State) -> State:
+        """Cut the autograd graph behind the state (truncated backpropagation through time)."""
+        return detach_state(state)
+
+
+def detach_state(state: State) -> State:
+    """Detach every tensor in a (nested) state."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if isinstance(state, (list, tuple)):
+        return type(state)(detach_state(s) for s in state)
+    if isinstance(state, dict):
+        return {k: detach_state(v) for k, v in state.items()}
+    raise TypeError(f"cannot detach a memory state of type {type(state).__name__}")

@@ -1,0 +1,257 @@
+"""A compact decoder-only transformer for from-scratch memory experiments.
+
+RMSNorm, rotary positions, SwiGLU, `F.scaled_dot_product_attention`. It reads one segment at a time and
+accepts the `SegmentExtras` of any memory mechanism: embeddings before/after the segment (memory tokens),
+cached keys/values per layer (recurrence, rolling windows), and an attention window.
+
+Positions are local: the first cached key sits at position 0, the segment's first query right after the
+last cached key. Keys are cached before rotation and rotated at each use, so a segment computes the same
+thing wherever it sits in the stream, and positions stay bounded however long the stream runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stm.memory.base import BackboneOutput, SegmentExtras
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int | None = None  # SwiGLU hidden width; default 8/3 * d_model rounded up to a multiple of 64
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.vocab_size is None or self.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size must be a positive integer, got {self.vocab_size}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"the head size d_model / n_heads = {self.d_model // self.n_heads} must be even (rotary)")
+        if self.d_ff is None:
+            self.d_ff = 64 * math.ceil(self.d_model * 8 / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rotary_cos_sin(n_positions: int, head_dim: int, base: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of rotary embedding for positions 0..n_positions-1, each (n_positions, head_dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(n_positions, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, head_dim) by the angles of cos/sin (T, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated_half * sin
+
+
+def build_attention_mask(
+    n_past: int,
+    n_query: int,
+    *,
+    batch_size: int,
+    device,
+    key_padding: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor | None:
+    """Boolean mask (B, 1, n_query, n_past + n_query), True where a query may attend to a key.
+
+    Queries sit at positions n_past .. n_past + n_query - 1 of the key sequence. Causal, optionally limited
+    to the last `window` keys, with padding keys (key_padding False) masked out. Every query always sees
+    itself, so no row is empty (a padded query then gives finite garbage that the loss ignores).
+    Returns None when plain causal attention without past suffices (the fast `is_causal` path).
+    """
+    n_keys = n_past + n_query
+    if n_past == 0 and key_padding is None and (window is None or window >= n_query):
+        return None
+    q_pos = torch.arange(n_past, n_keys, device=device)[:, None]
+    k_pos = torch.arange(n_keys, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (q_pos - k_pos < window)
+    mask = allowed[None].expand(batch_size, n_query, n_keys)
+    if key_padding is not None:
+        mask = mask & key_padding[:, None, :].bool()
+        mask = mask | (k_pos == q_pos)[None]
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, mask, past_kv):
+        """x (B, L, D); cos/sin (n_past + L, head_dim); mask (B, 1, L, n_past + L) or None.
+
+        Returns the attention output (B, L, D) and this segment's unrotated (keys, values), each (B, H, L, hd).
+        """
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        present = (k, v)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)
+            v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
+        n_past = k.shape[2] - L
+        q = apply_rotary(q, cos[n_past:], sin[n_past:])
+        k = apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None and n_past == 0,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out(y.transpose(1, 2).reshape(B, L, D)), present
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask, past_kv):
+        attended, present = self.attn(self.attn_norm(x), cos, sin, mask, past_kv)
+        x = x + self.drop(attended)
+        x = x + self.drop(self.mlp(self.mlp_norm(x)))
+        return x, present
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer over one segment at a time.
+
+    Build it with keyword arguments (`Transformer(vocab_size=259, d_model=128, ...)`, as Hydra does) or
+    from a `TransformerConfig`.
+    """
+
+    def __init__(self, config: TransformerConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = config = config if config is not None else TransformerConfig(**kwargs)
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.apply(self._init_weights)
+        # residual projections scaled down with depth (GPT-2)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.out.weight") or name.endswith("mlp.down.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def d_model(self) -> int:
+        return self.config.d_model
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.n_layers
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D) embeddings (for mechanisms that build memory from tokens)."""
+        return self.embed(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        extras: SegmentExtras | None = None,
+    ) -> BackboneOutput:
+        """Read one segment.
+
+        input_ids:      (B, T) token ids.
+        attention_mask: (B, T), 1/True at real tokens, 0/False at padding; None means no padding.
+        extras:         what the memory mechanism adds (see `SegmentExtras`).
+        """
+        extras = extras if extras is not None else SegmentExtras()
+        B, T = input_ids.shape
+        x = self.embed(input_ids)
+        parts = [p.to(x.dtype) for p in (extras.prefix, x, extras.suffix) if p is not None]
+        x = self.drop(torch.cat(parts, dim=1) if len(parts) > 1 else x)
+        P, S, n_past = extras.n_prefix, extras.n_suffix, extras.n_past
+        L = P + T + S
+
+        key_padding = None
+        if attention_mask is not None or extras.past_mask is not None:
+            ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=x.device)  # noqa: E731
+            key_padding = torch.cat([
+                extras.past_mask.bool() if extras.past_mask is not None else ones(n_past),
+                ones(P),
+                attention_mask.bool() if attention_mask is not None else ones(T),
+                ones(S),
+            ], dim=1)
+        mask = build_attention_mask(
+            n_past, L, batch_size=B, device=x.device, key_padding=key_padding, window=extras.window
+        )
+        cos, sin = rotary_cos_sin(n_past + L, self.config.head_dim, self.config.rope_base, x.device, x.dtype)
+
+        presents = []
+        past = extras.past_key_values
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, cos, sin, mask, past[i] if past else None)
+            presents.append(present)
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden[:, P:P + T])
+        return BackboneOutput(
+            logits=logits,
+            hidden_states=hidden,
+            present_key_values=presents,
+            attention_mask=attention_mask.bool() if attention_mask is not None else None,
+            n_prefix=P,
+            n_suffix=S,
+        )

@@ -1,0 +1,198 @@
+"""What `train.py` and `eval.py` do with a composed config: build every object from `_target_`, run, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from stm.config import ConfigError, validate_train_config
+
+log = logging.getLogger("stm")
+
+
+def build(section: DictConfig, **kwargs) -> Any:
+    """`hydra.utils.instantiate`, but a value or file error raised by stm's own checks comes out as itself.
+
+    Those messages already name the key or file; Hydra's wrapper would bury them. Other failures (a wrong
+    keyword, an unknown `_target_`) keep Hydra's message, which names the config key and the target.
+    """
+    try:
+        return instantiate(section, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, OSError)):
+            raise err.__cause__ from None
+        raise
+
+
+def build_components(cfg: DictConfig) -> dict[str, Any]:
+    """tokenizer, datamodule, model, memory and task, built from the config in that order."""
+    tokenizer = build(cfg.tokenizer)
+    datamodule = build(cfg.data, tokenizer=tokenizer)
+    vocab_size = cfg.model.get("vocab_size") or tokenizer.vocab_size
+    if vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    model = build(cfg.model, vocab_size=vocab_size)
+    memory = build(cfg.memory)
+    task = build(cfg.task, model=model, memory=memory)
+    task.run_config = OmegaConf.to_container(cfg, resolve=True)
+    return {"tokenizer": tokenizer, "datamodule": datamodule, "model": model, "memory": memory, "task": task}
+
+
+def _instantiate_dict(section: DictConfig | None) -> list:
+    """Build each entry of a dict of `_target_` configs (callbacks, loggers); null entries are off."""
+    if not section:
+        return []
+    return [instantiate(c) for c in section.values() if c is not None and "_target_" in c]
+
+
+def build_trainer(cfg: DictConfig) -> tuple[L.Trainer, list]:
+    loggers = _instantiate_dict(cfg.get("logger"))
+    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    return trainer, loggers
+
+
+def seed_everything(seed: int | None) -> None:
+    """Seed python, numpy and torch; 0 is a seed like any other, only null leaves things unseeded."""
+    if seed is not None:
+        L.seed_everything(seed, workers=True, verbose=False)
+
+
+def _finish_wandb(loggers: list) -> None:
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit the task; returns the monitored validation metric (for sweeps), or None."""
+    validate_train_config(cfg)
+    seed_everything(cfg.get("seed"))
+    started = time.time()
+    out = _output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    parts = build_components(cfg)
+    task, datamodule, model = parts["task"], parts["datamodule"], parts["model"]
+    trainer, loggers = build_trainer(cfg)
+    try:
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("model: %s with %.2fM parameters; memory: %s", type(model).__name__, n_params / 1e6,
+                 type(parts["memory"]).__name__)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        _finish_wandb(loggers)
+    log.info("\n%s", training_report(cfg, trainer, parts, time.time() - started))
+    monitor = cfg.get("optimized_metric")
+    value = trainer.callback_metrics.get(monitor) if monitor else None
+    return float(value) if value is not None else None
+
+
+def training_report(cfg: DictConfig, trainer: L.Trainer, parts: dict, seconds: float) -> str:
+    """Where the run's outputs are, and its final validation numbers against the unigram baseline."""
+    out = _output_dir(cfg)
+    lines = [f"stm: finished in {seconds:.0f} s, {trainer.global_step} steps"]
+    val = parts["task"].last_val
+    if val:
+        lines.append("  validation: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "step"))
+    baseline = unigram_baseline(parts["datamodule"], parts["tokenizer"].vocab_size)
+    if baseline is not None:
+        lines.append(f"  unigram baseline on the same validation text: bpb={baseline['bpb']:.4f}, "
+                     f"loss={baseline['loss']:.4f}")
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None:
+        if ckpt_cb.best_model_path:
+            lines.append(f"  best checkpoint: {ckpt_cb.best_model_path}")
+        last = Path(ckpt_cb.dirpath or "") / "last.ckpt"
+        if last.is_file():
+            lines.append(f"  last checkpoint: {last}")
+    for lg in trainer.loggers:
+        lines.append(f"  {type(lg).__name__}: {lg.log_dir if hasattr(lg, 'log_dir') else lg.save_dir}")
+    lines.append(f"  resolved config: {out / 'config_resolved.yaml'}")
+    lines.append(f"  log: {out / (str(cfg.task_name) + '.log')}")
+    return "\n".join(lines)
+
+
+def unigram_baseline(datamodule, vocab_size: int) -> dict[str, float] | None:
+    """Loss and bits per byte of a unigram model fitted on the training text, on the validation text."""
+    from stm.metrics import unigram_nll
+
+    train_ids = getattr(datamodule, "train_ids", None)
+    val_set = getattr(datamodule, "val_set", None)
+    if train_ids is None or val_set is None:
+        return None
+    n = len(val_set) * val_set.chunk_len
+    labels = val_set.ids[1:n + 1].numpy()
+    nll = unigram_nll(train_ids, labels, vocab_size)
+    n_bytes = int(val_set.byte_counts[1:n + 1].sum())
+    return {"loss": nll / len(labels), "bpb": nll / math.log(2) / max(n_bytes, 1)}
+
+
+def load_checkpoint_config(ckpt_path: str | Path) -> tuple[DictConfig, dict]:
+    """The run config and validation metrics that stm stored in a checkpoint."""
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path: {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: say which and why
+        raise ValueError(f"ckpt_path: could not read {path} as a PyTorch checkpoint ({err})") from err
+    stm_info = checkpoint.get("stm") if isinstance(checkpoint, dict) else None
+    if not stm_info or not stm_info.get("config"):
+        raise ValueError(f"ckpt_path: {path} is not an stm checkpoint (no 'stm' config stored in it); "
+                         f"it must come from stm's train.py")
+    return OmegaConf.create(stm_info["config"]), stm_info.get("val_metrics", {})
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Validate a checkpoint on the data of its run (or the overrides given), print and return the metrics."""
+    run_cfg, recorded = load_checkpoint_config(cfg.ckpt_path)
+    if cfg.get("data_overrides"):
+        run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data_overrides)
+    seed_everything(cfg.get("seed"))
+    parts = build_components(run_cfg)
+    trainer, loggers = build_trainer(cfg)
+    try:
+        results = trainer.validate(parts["task"], datamodule=parts["datamodule"], ckpt_path=cfg.ckpt_path)
+    finally:
+        _finish_wandb(loggers)
+    metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+    out = _output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_metrics.json").write_text(json.dumps(
+        {"ckpt_path": str(cfg.ckpt_path), "metrics": metrics, "recorded_in_checkpoint": recorded}, indent=2))
+    lines = [f"stm eval: {cfg.ckpt_path}"]
+    for key, value in metrics.items():
+        note = f" (recorded in the checkpoint: {recorded[key]:.6f})" if key in recorded else ""
+        lines.append(f"  {key} = {value:.6f}{note}")
+    lines.append(f"  written to {out / 'eval_metrics.json'}")
+    log.info("\n%s", "\n".join(lines))
+    return metrics
+
+
+def hydra_main(config_name: str):
+    """A Hydra entry point over stm's conf/ folder, for `python train.py` and the console scripts."""
+    from stm.config import config_dir
+
+    def decorate(fn):
+        return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(fn)
+
+    return decorate

@@ -1,0 +1,172 @@
+"""The one segment loop: every task reads its context through here.
+
+A long (B, T) token stream is cut into segments of `segment_len` tokens; the memory mechanism decides what
+each segment sees of the ones before it (`stm.memory.base`). The same loop serves
+
+- training, with truncated backpropagation through time (the state is detached every `bptt_depth`
+  segments, so gradients reach at most that many segments back),
+- evaluation (the same call under `torch.no_grad()`), and
+- generation: the context is read once into the memory state, then tokens are decoded in the final
+  segment; when it fills up it is pushed into the memory and a new one begins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stm.memory.base import Memory, State
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SegmentRun:
+    """Result of reading a stream.
+
+    token_nll: (B, T) negative log-likelihood (nats) of each label, 0 where the label is ignored; None
+               when no labels were given.
+    n_tokens:  number of labels that count (a 0-dim tensor).
+    logits:    (B, T, V) when requested, else None.
+    state:     the memory state after the last segment.
+    """
+
+    token_nll: torch.Tensor | None
+    n_tokens: torch.Tensor | None
+    state: State
+    logits: torch.Tensor | None = None
+
+    @property
+    def nll_sum(self) -> torch.Tensor:
+        return self.token_nll.sum()
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Mean NLL per counted label (nats)."""
+        return self.token_nll.sum() / self.n_tokens.clamp(min=1)
+
+
+def segment_bounds(length: int, segment_len: int | None) -> list[tuple[int, int]]:
+    """[start, end) of each segment of a stream of `length` tokens; the last one may be shorter."""
+    if segment_len is None or segment_len >= length:
+        return [(0, length)]
+    if segment_len <= 0:
+        raise ValueError(f"segment_len must be a positive integer, got {segment_len}")
+    return [(s, min(s + segment_len, length)) for s in range(0, length, segment_len)]
+
+
+def run_segments(
+    model: nn.Module,
+    memory: Memory,
+    input_ids: torch.Tensor,
+    *,
+    segment_len: int | None,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    state: State = None,
+    bptt_depth: int | None = None,
+    return_logits: bool = False,
+) -> SegmentRun:
+    """Read `input_ids` (B, T) segment by segment under `memory`.
+
+    labels:         (B, T) next-token targets aligned with `input_ids`; IGNORE_INDEX where no loss is taken.
+    attention_mask: (B, T) 1 at real tokens, 0 at padding.
+    state:          the state to start from (stream lanes carry it across batches); None starts afresh.
+    bptt_depth:     detach the state after every `bptt_depth` segments; None keeps the whole graph.
+    """
+    B, T = input_ids.shape
+    if bptt_depth is not None and bptt_depth <= 0:
+        raise ValueError(f"bptt_depth must be a positive integer or None, got {bptt_depth}")
+    if state is None:
+        state = memory.init_state(B, input_ids.device)
+    bounds = segment_bounds(T, segment_len if memory.segmented else None)
+
+    nll_parts, logit_parts = [], []
+    for k, (start, end) in enumerate(bounds):
+        segment_mask = attention_mask[:, start:end] if attention_mask is not None else None
+        outputs = model(input_ids[:, start:end], attention_mask=segment_mask, extras=memory.prepare(state))
+        if labels is not None:
+            segment_labels = labels[:, start:end]
+            nll = F.cross_entropy(
+                outputs.logits.float().flatten(0, 1),
+                segment_labels.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
+            nll_parts.append(nll.view(B, end - start))
+        if return_logits:
+            logit_parts.append(outputs.logits)
+        state = memory.update(state, outputs)
+        if bptt_depth is not None and (k + 1) % bptt_depth == 0:
+            state = memory.detach(state)
+
+    token_nll = n_tokens = None
+    if labels is not None:
+        token_nll = torch.cat(nll_parts, dim=1)
+        n_tokens = (labels != IGNORE_INDEX).sum()
+    logits = torch.cat(logit_parts, dim=1) if return_logits else None
+    return SegmentRun(token_nll=token_nll, n_tokens=n_tokens, state=state, logits=logits)
+
+
+def _sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """(B, V) logits -> (B,) next tokens: greedy when temperature == 0, else sampled."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    memory: Memory,
+    context_ids: torch.Tensor,
+    *,
+    segment_len: int | None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continue `context_ids` (B, T), all rows of equal length, by up to `max_new_tokens` tokens.
+
+    The whole segments of the context go into the memory state first; decoding then happens inside the
+    final, partial segment, which is pushed into the memory whenever it reaches `segment_len` tokens.
+    Returns the new tokens (B, N); rows that produced `eos_token_id` are padded with it afterwards.
+    """
+    B, T = context_ids.shape
+    if T == 0:
+        raise ValueError("generate needs a non-empty context")
+    seg = segment_len if (memory.segmented and segment_len is not None) else None
+    n_read = ((T - 1) // seg) * seg if seg else 0  # keep at least one token for the final segment
+    state = memory.init_state(B, context_ids.device)
+    if n_read:
+        state = run_segments(model, memory, context_ids[:, :n_read], segment_len=seg, state=state).state
+    tail = context_ids[:, n_read:]
+
+    new_tokens = []
+    finished = torch.zeros(B, dtype=torch.bool, device=context_ids.device)
+    for _ in range(max_new_tokens):
+        logits = model(tail, extras=memory.prepare(state)).logits[:, -1]
+        next_token = _sample_next(logits, temperature, top_k, generator)
+        if eos_token_id is not None:
+            next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+            finished |= next_token == eos_token_id
+        new_tokens.append(next_token)
+        tail = torch.cat([tail, next_token[:, None]], dim=1)
+        if seg is not None and tail.shape[1] > seg:
+            state = memory.update(state, model(tail[:, :seg], extras=memory.prepare(state)))
+            tail = tail[:, seg:]
+        if eos_token_id is not None and bool(finished.all()):
+            break
+    if not new_tokens:
+        return context_ids.new_empty(B, 0)
+    return torch.stack(new_tokens, dim=1)

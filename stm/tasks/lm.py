@@ -1,0 +1,113 @@
+"""`task=lm`: causal language modelling over chunked text, read segment by segment under a memory.
+
+Reports loss (nats per token), perplexity, and bits per byte (comparable across tokenizers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from stm.memory.base import Memory
+from stm.metrics import LN2, LanguageModelMetrics
+from stm.segments import SegmentRun, run_segments
+
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1):
+    """Linear warm-up to the base learning rate, then cosine decay to `min_lr_ratio` of it."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(warmup_steps, 1)
+        progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; none on norms, biases and other vectors."""
+    decay, no_decay, seen = [], [], set()
+    for p in module.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LanguageModelTask(L.LightningModule):
+    """Every label is a target; each chunk is read in segments of `segment_len` tokens.
+
+    model:        a backbone taking (input_ids, attention_mask, extras) -> BackboneOutput.
+    memory:       the memory mechanism.
+    optimizer:    a partial optimizer (Hydra `_partial_: true`) taking parameter groups.
+    scheduler:    a partial scheduler taking the optimizer, stepped every training step; or None.
+    bptt_depth:   gradients reach at most this many segments back; None = through the whole chunk.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        memory: Memory,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        segment_len: int | None = 128,
+        n_segments: int = 1,
+        bptt_depth: int | None = None,
+        weight_decay: float = 0.1,
+    ):
+        super().__init__()
+        if segment_len is not None and segment_len <= 0:
+            raise ValueError(f"task.segment_len must be a positive integer, got {segment_len}")
+        self.model = model
+        self.memory = memory
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.segment_len = segment_len
+        self.n_segments = n_segments
+        self.bptt_depth = bptt_depth
+        self.weight_decay = weight_decay
+        self.val_metrics = LanguageModelMetrics()
+        self.run_config: dict | None = None  # the resolved run config, stored in every checkpoint
+        self.last_val: dict[str, float] = {}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> SegmentRun:
+        return run_segments(
+            self.model, self.memory, batch["input_ids"],
+            labels=batch["labels"], attention_mask=batch.get("attention_mask"),
+            segment_len=self.segment_len, bptt_depth=self.bptt_depth,
+        )
+
+    def training_step(self, batch, batch_idx):
+        run = self(batch)
+        loss = run.loss
+        n_bytes = batch["label_bytes"].sum()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bpb", run.nll_sum.detach() / LN2 / n_bytes.clamp(min=1))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        run = self(batch)
+        self.val_metrics.update(run.nll_sum, run.n_tokens, batch["label_bytes"].sum())
+
+    def on_validation_epoch_end(self):
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        for name, value in values.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("loss", "bpb"))
+        self.last_val = {f"val/{k}": float(v) for k, v in values.items()}
+        self.last_val["step"] = int(self.global_step)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(parameter_groups(self, self.weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["stm"] = {"config": self.run_config, "val_metrics": dict(self.last_val)}

@@ -1,0 +1,75 @@
+"""Shared fixtures: composing the real Hydra configs, and running the real default job once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from stm.config import config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose conf/<config_name>.yaml with overrides, as `python train.py ...` would, writing to output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def train_config(tmp_path):
+    """compose the train config with overrides: train_config(["model=small", ...])."""
+    return lambda overrides=(): compose_config("train", list(overrides), tmp_path)
+
+
+def run_script(script: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def default_job(tmp_path_factory) -> Path:
+    """Run the real default job (`python train.py`, no overrides) once; returns its output folder."""
+    out = tmp_path_factory.mktemp("default_job")
+    result = run_script("train.py", [f"hydra.run.dir={out}"])
+    assert result.returncode == 0, f"default job failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    (out / "stdout.txt").write_text(result.stdout + result.stderr)
+    return out
+
+
+def read_csv_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.csv -> {metric: [(step, value), ...]} for the cells that hold a value."""
+    import csv
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    return series
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
