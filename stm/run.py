@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +18,30 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stm.config import ConfigError, validate_train_config
+from stm.memory import build_memory
 
 log = logging.getLogger("stm")
 
 
-def build(section: DictConfig, **kwargs) -> Any:
-    """`hydra.utils.instantiate`, but a value or file error raised by stm's own checks comes out as itself.
+@contextmanager
+def own_errors():
+    """Let a value or file error raised by stm's own checks come out of `instantiate` as itself.
 
     Those messages already name the key or file; Hydra's wrapper would bury them. Other failures (a wrong
     keyword, an unknown `_target_`) keep Hydra's message, which names the config key and the target.
     """
     try:
-        return instantiate(section, **kwargs)
+        yield
     except InstantiationException as err:
         if isinstance(err.__cause__, (ValueError, OSError)):
             raise err.__cause__ from None
         raise
+
+
+def build(section: DictConfig, **kwargs) -> Any:
+    """`hydra.utils.instantiate` under `own_errors`."""
+    with own_errors():
+        return instantiate(section, **kwargs)
 
 
 def build_components(cfg: DictConfig) -> dict[str, Any]:
@@ -43,7 +52,8 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
     if vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     model = build(cfg.model, vocab_size=vocab_size)
-    memory = build(cfg.memory)
+    with own_errors():
+        memory = build_memory(cfg.memory, model)
     task = build(cfg.task, model=model, memory=memory)
     task.run_config = OmegaConf.to_container(cfg, resolve=True)
     return {"tokenizer": tokenizer, "datamodule": datamodule, "model": model, "memory": memory, "task": task}

@@ -12,11 +12,12 @@ each segment sees of the ones before it (`stm.memory.base`). The same loop serve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from stm.memory.base import Memory, State
 
@@ -69,13 +70,19 @@ def run_segments(
     state: State = None,
     bptt_depth: int | None = None,
     return_logits: bool = False,
+    checkpoint_segments: bool = False,
 ) -> SegmentRun:
     """Read `input_ids` (B, T) segment by segment under `memory`.
 
     labels:         (B, T) next-token targets aligned with `input_ids`; IGNORE_INDEX where no loss is taken.
     attention_mask: (B, T) 1 at real tokens, 0 at padding.
     state:          the state to start from (stream lanes carry it across batches); None starts afresh.
-    bptt_depth:     detach the state after every `bptt_depth` segments; None keeps the whole graph.
+    bptt_depth:     detach the state after segments bptt_depth, 2 * bptt_depth, ... (block truncation: the
+                    loss of the last segment of each block reaches exactly bptt_depth segments back, and
+                    no loss reaches further); None keeps the whole graph.
+    checkpoint_segments: recompute each segment's activations in the backward pass instead of keeping
+                    them (activation checkpointing per segment): training over k segments then holds one
+                    segment's activations plus the memory states, not k segments' worth.
     """
     B, T = input_ids.shape
     if bptt_depth is not None and bptt_depth <= 0:
@@ -87,16 +94,14 @@ def run_segments(
     nll_parts, logit_parts = [], []
     for k, (start, end) in enumerate(bounds):
         segment_mask = attention_mask[:, start:end] if attention_mask is not None else None
-        outputs = model(input_ids[:, start:end], attention_mask=segment_mask, extras=memory.prepare(state))
-        if labels is not None:
-            segment_labels = labels[:, start:end]
-            nll = F.cross_entropy(
-                outputs.logits.float().flatten(0, 1),
-                segment_labels.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            )
-            nll_parts.append(nll.view(B, end - start))
+        segment_labels = labels[:, start:end] if labels is not None else None
+        args = (model, input_ids[:, start:end], segment_mask, memory.prepare(state), segment_labels)
+        if checkpoint_segments and torch.is_grad_enabled():
+            outputs, nll = checkpoint(_read_segment, *args, use_reentrant=False)
+        else:
+            outputs, nll = _read_segment(*args)
+        if nll is not None:
+            nll_parts.append(nll)
         if return_logits:
             logit_parts.append(outputs.logits)
         state = memory.update(state, outputs)
@@ -109,6 +114,16 @@ def run_segments(
         n_tokens = (labels != IGNORE_INDEX).sum()
     logits = torch.cat(logit_parts, dim=1) if return_logits else None
     return SegmentRun(token_nll=token_nll, n_tokens=n_tokens, state=state, logits=logits)
+
+
+def _read_segment(model, input_ids, attention_mask, extras, labels):
+    """One segment through the backbone: (outputs, per-token NLL (B, T) or None)."""
+    outputs = model(input_ids, attention_mask=attention_mask, extras=extras)
+    if labels is None:
+        return outputs, None
+    nll = F.cross_entropy(outputs.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none")
+    return outputs, nll.view(labels.shape)
 
 
 def _sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
@@ -155,7 +170,9 @@ def generate(
     new_tokens = []
     finished = torch.zeros(B, dtype=torch.bool, device=context_ids.device)
     for _ in range(max_new_tokens):
-        logits = model(tail, extras=memory.prepare(state)).logits[:, -1]
+        # no write tokens while decoding: they come after the tail and cannot change its logits
+        extras = replace(memory.prepare(state), suffix=None)
+        logits = model(tail, extras=extras).logits[:, -1]
         next_token = _sample_next(logits, temperature, top_k, generator)
         if eos_token_id is not None:
             next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)

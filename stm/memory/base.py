@@ -39,6 +39,7 @@ class SegmentExtras:
                      queries attend to them as to tokens that came right before the prefix.
     past_mask:       (B, T_past) bool, True where a cached position holds a real token.
     window:          if set, a query sees only keys at most `window - 1` positions before it (sliding window).
+    n_sink:          the first `n_sink` cached keys (attention sinks) stay visible to every query, window or not.
     """
 
     prefix: torch.Tensor | None = None
@@ -46,6 +47,7 @@ class SegmentExtras:
     past_key_values: KeyValues | None = None
     past_mask: torch.Tensor | None = None
     window: int | None = None
+    n_sink: int = 0
 
     @property
     def n_prefix(self) -> int:
@@ -88,6 +90,10 @@ class Memory(nn.Module):
     """
 
     segmented: bool = True
+
+    def bind(self, backbone: nn.Module) -> None:
+        """Called once with the backbone before training, for mechanisms whose parameters depend on it
+        (e.g. memory embeddings of width `backbone.d_model`)."""
 
     def init_state(self, batch_size: int, device: torch.device | str) -> State:
         """Empty state for `batch_size` new documents / stream lanes."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stm.memory.base import BackboneOutput, SegmentExtras
+from stm.models.attention import apply_rotary, build_attention_mask, flex_attention, flex_block_mask, rotary_cos_sin
 
 
 @dataclass
@@ -32,6 +33,7 @@ class TransformerConfig:
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
+    attention: str = "auto"  # sdpa (dense masks), flex (block-sparse, GPU training), auto: flex on GPU
 
     def __post_init__(self):
         if self.vocab_size is None or self.vocab_size <= 0:
@@ -42,6 +44,8 @@ class TransformerConfig:
             raise ValueError(f"the head size d_model / n_heads = {self.d_model // self.n_heads} must be even (rotary)")
         if self.d_ff is None:
             self.d_ff = 64 * math.ceil(self.d_model * 8 / 3 / 64)
+        if self.attention not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"model.attention must be auto, sdpa or flex, got {self.attention!r}")
 
     @property
     def head_dim(self) -> int:
@@ -59,52 +63,6 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rotary_cos_sin(n_positions: int, head_dim: int, base: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of rotary embedding for positions 0..n_positions-1, each (n_positions, head_dim)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(n_positions, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, head_dim) by the angles of cos/sin (T, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated_half * sin
-
-
-def build_attention_mask(
-    n_past: int,
-    n_query: int,
-    *,
-    batch_size: int,
-    device,
-    key_padding: torch.Tensor | None = None,
-    window: int | None = None,
-) -> torch.Tensor | None:
-    """Boolean mask (B, 1, n_query, n_past + n_query), True where a query may attend to a key.
-
-    Queries sit at positions n_past .. n_past + n_query - 1 of the key sequence. Causal, optionally limited
-    to the last `window` keys, with padding keys (key_padding False) masked out. Every query always sees
-    itself, so no row is empty (a padded query then gives finite garbage that the loss ignores).
-    Returns None when plain causal attention without past suffices (the fast `is_causal` path).
-    """
-    n_keys = n_past + n_query
-    if n_past == 0 and key_padding is None and (window is None or window >= n_query):
-        return None
-    q_pos = torch.arange(n_past, n_keys, device=device)[:, None]
-    k_pos = torch.arange(n_keys, device=device)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed = allowed & (q_pos - k_pos < window)
-    mask = allowed[None].expand(batch_size, n_query, n_keys)
-    if key_padding is not None:
-        mask = mask & key_padding[:, None, :].bool()
-        mask = mask | (k_pos == q_pos)[None]
-    return mask[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -114,7 +72,8 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin, mask, past_kv):
-        """x (B, L, D); cos/sin (n_past + L, head_dim); mask (B, 1, L, n_past + L) or None.
+        """x (B, L, D); cos/sin (n_past + L, head_dim); mask: a bool tensor (B, 1, L, n_past + L), a flex
+        BlockMask, or None (plain causal).
 
         Returns the attention output (B, L, D) and this segment's unrotated (keys, values), each (B, H, L, hd).
         """
@@ -127,6 +86,9 @@ class Attention(nn.Module):
         n_past = k.shape[2] - L
         q = apply_rotary(q, cos[n_past:], sin[n_past:])
         k = apply_rotary(k, cos, sin)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a flex BlockMask
+            y = flex_attention(q, k, v, mask)
+            return self.out(y.transpose(1, 2).reshape(B, L, D)), present
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
@@ -235,8 +197,10 @@ class Transformer(nn.Module):
                 attention_mask.bool() if attention_mask is not None else ones(T),
                 ones(S),
             ], dim=1)
-        mask = build_attention_mask(
-            n_past, L, batch_size=B, device=x.device, key_padding=key_padding, window=extras.window
+        use_flex = self.config.attention == "flex" or (self.config.attention == "auto" and x.is_cuda)
+        mask = (flex_block_mask if use_flex else build_attention_mask)(
+            n_past, L, batch_size=B, device=x.device, key_padding=key_padding, window=extras.window,
+            n_sink=extras.n_sink, n_prefix=P,
         )
         cos, sin = rotary_cos_sin(n_past + L, self.config.head_dim, self.config.rope_base, x.device, x.dtype)
 

@@ -1,0 +1,109 @@
+"""Attention helpers shared by the backbones: rotary embeddings and the segment attention mask."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotary_cos_sin(n_positions: int, head_dim: int, base: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of rotary embedding for positions 0..n_positions-1, each (n_positions, head_dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(n_positions, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, head_dim) by the angles of cos/sin (T, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated_half * sin
+
+
+def build_attention_mask(
+    n_past: int,
+    n_query: int,
+    *,
+    batch_size: int,
+    device,
+    key_padding: torch.Tensor | None = None,
+    window: int | None = None,
+    n_sink: int = 0,
+    n_prefix: int = 0,
+) -> torch.Tensor | None:
+    """Boolean mask (B, 1, n_query, n_past + n_query), True where a query may attend to a key.
+
+    Queries sit at positions n_past .. n_past + n_query - 1 of the key sequence. Causal, optionally limited
+    to the last `window` keys, except that the first `n_sink` keys (attention sinks) and the `n_prefix` memory
+    tokens that open the segment stay visible to every later query; padding keys (key_padding False) are
+    masked out. Every query always sees itself, so no row is empty (a padded query then gives finite
+    garbage that the loss ignores).
+    Returns None when plain causal attention without past suffices (the fast `is_causal` path).
+    """
+    n_keys = n_past + n_query
+    if n_past == 0 and key_padding is None and (window is None or window >= n_query):
+        return None
+    q_pos = torch.arange(n_past, n_keys, device=device)[:, None]
+    k_pos = torch.arange(n_keys, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        always = (k_pos < n_sink) | ((k_pos >= n_past) & (k_pos < n_past + n_prefix))
+        allowed = allowed & ((q_pos - k_pos < window) | always)
+    mask = allowed[None].expand(batch_size, n_query, n_keys)
+    if key_padding is not None:
+        mask = mask & key_padding[:, None, :].bool()
+        mask = mask | (k_pos == q_pos)[None]
+    return mask[:, None]
+
+
+def flex_block_mask(
+    n_past: int,
+    n_query: int,
+    *,
+    batch_size: int,
+    device,
+    key_padding: torch.Tensor | None = None,
+    window: int | None = None,
+    n_sink: int = 0,
+    n_prefix: int = 0,
+):
+    """The mask of `build_attention_mask` as a flex_attention BlockMask (sparse: blocks outside the band
+    are skipped, which is what makes sliding windows fast on a GPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q = q_idx + n_past
+        allowed = kv_idx <= q
+        if window is not None:
+            always = (kv_idx < n_sink) | ((kv_idx >= n_past) & (kv_idx < n_past + n_prefix))
+            allowed = allowed & ((q - kv_idx < window) | always)
+        if key_padding is not None:
+            allowed = (allowed & key_padding[b, kv_idx]) | (kv_idx == q)
+        return allowed
+
+    return create_block_mask(
+        mask_mod,
+        B=batch_size if key_padding is not None else None,
+        H=None,
+        Q_LEN=n_query,
+        KV_LEN=n_past + n_query,
+        device=device,
+    )
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask):
+    """`torch.nn.attention.flex_attention`, compiled once (uncompiled flex is a slow reference)."""
+    global _compiled_flex
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        raise RuntimeError(
+            "flex_attention has no backward pass on CPU; train on CPU with model.attention=sdpa "
+            "(the default 'auto' picks flex only on a GPU)"
+        )
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
