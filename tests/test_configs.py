@@ -109,3 +109,24 @@ def test_cli_reports_unknown_option():
 
 def test_configs_ship_next_to_the_package():
     assert (Path(CONF) / "train.yaml").is_file() and (Path(CONF) / "eval.yaml").is_file()
+
+
+def test_memory_list_composes(train_config):
+    from stm.memory import ComposedMemory, RecurrentMemoryTokens, SlidingWindow
+
+    cfg = train_config(["memory=[rmt,swa]", "memory.swa.window=64", "memory.rmt.num_memory_tokens=4"])
+    assert list(cfg.memory) == ["rmt", "swa"]
+    memory = build_components(cfg)["memory"]
+    assert isinstance(memory, ComposedMemory)
+    rmt, swa = memory.mechanisms
+    assert isinstance(rmt, RecurrentMemoryTokens) and rmt.initial_memory.shape == (4, 128)
+    assert isinstance(swa, SlidingWindow) and swa.window == 64
+
+
+def test_bad_memory_values_are_named(train_config):
+    cfg = train_config(["memory=swa", "memory.swa.window=-3"])
+    with pytest.raises(ValueError, match="memory.swa.window must be a positive integer, got -3"):
+        build_components(cfg)
+    cfg = train_config(["memory=[xl,swa]"])
+    with pytest.raises(ValueError, match="compose at most one of them"):
+        build_components(cfg)

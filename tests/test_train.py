@@ -13,9 +13,11 @@ from stm.run import train
 from stm.wandb_offline import read_offline_run
 
 
-@pytest.mark.parametrize("model", ["tiny", "small"])
-@pytest.mark.parametrize("memory", ["none", "full"])
-@pytest.mark.parametrize("task", ["lm"])
+@pytest.mark.parametrize("model,memory,task", [
+    ("tiny", "none", "lm"), ("tiny", "full", "lm"), ("tiny", "rmt", "lm"), ("tiny", "xl", "lm"),
+    ("tiny", "swa", "lm"), ("tiny", "[rmt,swa]", "lm"), ("tiny", "[rmt,xl]", "lm"),
+    ("small", "none", "lm"), ("small", "rmt", "lm"),
+])
 def test_fast_dev_run(train_config, model, memory, task):
     cfg = train_config([f"model={model}", f"memory={memory}", f"task={task}", "debug=fast_dev_run",
                         "data.batch_size=2", "data.val_batch_size=2"])

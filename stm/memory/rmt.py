@@ -62,4 +62,5 @@ class RecurrentMemoryTokens(Memory):
         return outputs.hidden_states[:, -self.num_memory_tokens:]
 
     def extra_repr(self) -> str:
-        return f"num_memory_tokens={self.num_memory_tokens}, placement={self.placement}, learned_init={self.learned_init}"
+        return (f"num_memory_tokens={self.num_memory_tokens}, placement={self.placement}, "
+                f"learned_init={self.learned_init}")

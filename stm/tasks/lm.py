@@ -47,6 +47,7 @@ class LanguageModelTask(L.LightningModule):
     optimizer:    a partial optimizer (Hydra `_partial_: true`) taking parameter groups.
     scheduler:    a partial scheduler taking the optimizer, stepped every training step; or None.
     bptt_depth:   gradients reach at most this many segments back; None = through the whole chunk.
+    checkpoint_segments: recompute segment activations in the backward pass (memory-efficient BPTT).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class LanguageModelTask(L.LightningModule):
         segment_len: int | None = 128,
         n_segments: int = 1,
         bptt_depth: int | None = None,
+        checkpoint_segments: bool = False,
         weight_decay: float = 0.1,
     ):
         super().__init__()
@@ -70,6 +72,7 @@ class LanguageModelTask(L.LightningModule):
         self.segment_len = segment_len
         self.n_segments = n_segments
         self.bptt_depth = bptt_depth
+        self.checkpoint_segments = checkpoint_segments
         self.weight_decay = weight_decay
         self.val_metrics = LanguageModelMetrics()
         self.run_config: dict | None = None  # the resolved run config, stored in every checkpoint
@@ -80,6 +83,7 @@ class LanguageModelTask(L.LightningModule):
             self.model, self.memory, batch["input_ids"],
             labels=batch["labels"], attention_mask=batch.get("attention_mask"),
             segment_len=self.segment_len, bptt_depth=self.bptt_depth,
+            checkpoint_segments=self.checkpoint_segments and self.training,
         )
 
     def training_step(self, batch, batch_idx):

