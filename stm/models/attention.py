@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 
 def rotary_cos_sin(n_positions: int, head_dim: int, base: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,3 +110,44 @@ def flex_attention(q, k, v, block_mask):
 
         _compiled_flex = torch.compile(flex, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+@dataclass
+class BandedLayout:
+    """What the banded path needs to know: the same visibility rule as `build_attention_mask`.
+
+    Used for sliding windows much shorter than the segment: queries are processed in chunks of `window`,
+    each against only the keys its band can reach (plus sinks and memory tokens), so the cost is
+    O(L * window) instead of O(L * (n_past + L)). Runs wherever SDPA runs, backward included.
+    """
+
+    n_past: int
+    window: int
+    n_sink: int = 0
+    n_prefix: int = 0
+    key_padding: torch.Tensor | None = None  # (B, n_past + L) bool
+
+
+def banded_attention(q, k, v, layout: BandedLayout, dropout_p: float = 0.0) -> torch.Tensor:
+    """q (B, H, L, hd), k/v (B, H, n_past + L, hd) -> (B, H, L, hd), local attention chunk by chunk."""
+    L, n_keys, W, n_past = q.shape[2], k.shape[2], layout.window, layout.n_past
+    device = q.device
+    always = torch.zeros(n_keys, dtype=torch.bool, device=device)
+    always[:layout.n_sink] = True
+    always[n_past:n_past + layout.n_prefix] = True
+    outputs = []
+    for a in range(0, L, W):
+        b = min(a + W, L)
+        lo = max(0, n_past + a - W + 1)
+        before = always[:lo].nonzero().squeeze(1)
+        idx = torch.cat([before, torch.arange(lo, n_past + b, device=device)])
+        keys, values = (k[:, :, lo:n_past + b], v[:, :, lo:n_past + b]) if len(before) == 0 else (
+            k.index_select(2, idx), v.index_select(2, idx))
+        q_pos = torch.arange(n_past + a, n_past + b, device=device)[:, None]
+        k_pos = idx[None, :]
+        mask = ((k_pos <= q_pos) & ((q_pos - k_pos < W) | always[idx][None, :]))[None]
+        if layout.key_padding is not None:
+            mask = (mask & layout.key_padding[:, idx][:, None, :].bool()) | (k_pos == q_pos)[None]
+        outputs.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask[:, None],
+                                                      dropout_p=dropout_p))
+    return torch.cat(outputs, dim=2)

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from stm.memory.base import BackboneOutput, SegmentExtras
-from stm.models.attention import apply_rotary, build_attention_mask, flex_attention, flex_block_mask, rotary_cos_sin
+from stm.models.attention import (
+    BandedLayout,
+    apply_rotary,
+    banded_attention,
+    build_attention_mask,
+    flex_attention,
+    flex_block_mask,
+    rotary_cos_sin,
+)
 
 
 @dataclass
@@ -33,7 +41,7 @@ class TransformerConfig:
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
-    attention: str = "auto"  # sdpa (dense masks), flex (block-sparse, GPU training), auto: flex on GPU
+    attention: str = "auto"  # sdpa (dense or banded masks), flex (block-sparse, GPU), auto: flex on a GPU
 
     def __post_init__(self):
         if self.vocab_size is None or self.vocab_size <= 0:
@@ -86,6 +94,10 @@ class Attention(nn.Module):
         n_past = k.shape[2] - L
         q = apply_rotary(q, cos[n_past:], sin[n_past:])
         k = apply_rotary(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+        if isinstance(mask, BandedLayout):
+            y = banded_attention(q, k, v, mask, dropout_p)
+            return self.out(y.transpose(1, 2).reshape(B, L, D)), present
         if mask is not None and not isinstance(mask, torch.Tensor):  # a flex BlockMask
             y = flex_attention(q, k, v, mask)
             return self.out(y.transpose(1, 2).reshape(B, L, D)), present
@@ -93,7 +105,7 @@ class Attention(nn.Module):
             q, k, v,
             attn_mask=mask,
             is_causal=mask is None and n_past == 0,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=dropout_p,
         )
         return self.out(y.transpose(1, 2).reshape(B, L, D)), present
 
@@ -197,11 +209,16 @@ class Transformer(nn.Module):
                 attention_mask.bool() if attention_mask is not None else ones(T),
                 ones(S),
             ], dim=1)
-        use_flex = self.config.attention == "flex" or (self.config.attention == "auto" and x.is_cuda)
-        mask = (flex_block_mask if use_flex else build_attention_mask)(
-            n_past, L, batch_size=B, device=x.device, key_padding=key_padding, window=extras.window,
-            n_sink=extras.n_sink, n_prefix=P,
-        )
+        attention = self.config.attention
+        if attention == "auto":
+            attention = "flex" if x.is_cuda else "sdpa"
+        if attention == "sdpa" and extras.window is not None and L > 2 * extras.window:
+            mask = BandedLayout(n_past, extras.window, extras.n_sink, P, key_padding)
+        else:
+            mask = (flex_block_mask if attention == "flex" else build_attention_mask)(
+                n_past, L, batch_size=B, device=x.device, key_padding=key_padding, window=extras.window,
+                n_sink=extras.n_sink, n_prefix=P,
+            )
         cos, sin = rotary_cos_sin(n_past + L, self.config.head_dim, self.config.rope_base, x.device, x.dtype)
 
         presents = []
