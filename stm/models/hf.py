@@ -116,15 +116,16 @@ class HFCausalLM(nn.Module):
                        f"or a filled Hugging Face cache, a local folder needs config.json and weights "
                        f"(or a gguf_file): {err}")
             raise (OSError if isinstance(err, OSError) else ValueError)(message) from err
+        # from_pretrained returns eval mode; like any new nn.Module (and stm's Transformer) start in train mode,
+        # so that Lightning's train/eval switching governs the model's dropout
+        self.model.train()
         self.name_or_path, self.gguf_file = str(name_or_path), gguf_file
         rows = self.model.get_input_embeddings().num_embeddings
         if vocab_size is not None and vocab_size > rows:
             raise ValueError(f"model.vocab_size={vocab_size} (the tokenizer's) is larger than the {rows} embedding "
                              f"rows of {name_or_path}; use the tokenizer that belongs to this model")
         self.vocab_size = rows
-        # the model-level rotary module (Llama family); None for models without rotary (GPT-2)
-        self.rotary = getattr(self.model.base_model, "rotary_emb", None)
-        # transformers 5 calls the cache argument `cache` (`past_key_values` is deprecated)
+        # transformers 5.24 renamed the cache argument to `cache` (5.17 still calls it `past_key_values`)
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
@@ -135,6 +136,11 @@ class HFCausalLM(nn.Module):
         if importlib.util.find_spec("gguf") is None:
             raise ImportError(f"reading {file} needs the package gguf; {PRETRAINED_HINT}")
         return cls(folder, gguf_file=file, **kwargs)
+
+    @property
+    def rotary(self) -> nn.Module | None:
+        """The model-level rotary module (Llama family); None for models without rotary (GPT-2)."""
+        return getattr(self.model.base_model, "rotary_emb", None)
 
     @property
     def d_model(self) -> int:
