@@ -1,5 +1,7 @@
-"""stm: short-term memory for transformer language models."""
+"""stm: short-term memory for transformer language models.
 
-import stm.config  # noqa: F401  (registers the OmegaConf resolvers used by conf/)
+The backbone (`stm.models`, `stm.memory`, `stm.segments`) needs only torch; the Hydra app (`stm.run`,
+`stm.config`, which registers the OmegaConf resolvers that `conf/` uses) is imported where it is used.
+"""
 
 __version__ = "0.1.0"

@@ -283,7 +283,7 @@ def test_state_is_flat_in_stream_length(name):
             return 0
         if isinstance(state, torch.Tensor):
             return state.numel()
-        return sum(k.numel() for k in state.keys) + state.mask.numel()
+        return sum(k.numel() for k in state.keys) + (state.mask.numel() if state.mask is not None else 0)
 
     with torch.no_grad():
         assert state_numel(32) == state_numel(320)

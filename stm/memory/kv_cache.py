@@ -14,18 +14,19 @@ class KVCache:
     """Cached keys/values of the stream so far, oldest first.
 
     keys, values: per layer, (B, H, n_sink + n_recent, head_dim), unrotated.
-    mask:         (B, n_sink + n_recent) bool, True at real (non-padding) tokens.
+    mask:         (B, n_sink + n_recent) bool, True at real (non-padding) tokens; None when all are real
+                  (then no padding mask is built at all, which keeps the fast attention kernels usable).
     n_sink:       how many leading entries are attention sinks (the stream's first tokens, kept for good).
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     n_sink: int = 0
 
     @property
     def length(self) -> int:
-        return self.mask.shape[1]
+        return self.keys[0].shape[2] if self.keys else 0
 
     def as_past_key_values(self) -> KeyValues | None:
         if self.length == 0:
@@ -37,11 +38,11 @@ class KVCache:
 
 
 def empty_cache(batch_size: int, device) -> KVCache:
-    return KVCache(keys=[], values=[], mask=torch.ones(batch_size, 0, dtype=torch.bool, device=device))
+    return KVCache(keys=[], values=[], mask=None)
 
 
-def segment_key_values(outputs: BackboneOutput) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """The keys, values (per layer (B, H, T, hd)) and mask (B, T) of the segment's own tokens.
+def segment_key_values(outputs: BackboneOutput) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    """The keys, values (per layer (B, H, T, hd)) and mask (B, T) or None of the segment's own tokens.
 
     Memory-token positions (prefix/suffix of another mechanism) are left out: a cache holds text.
     """
@@ -49,12 +50,7 @@ def segment_key_values(outputs: BackboneOutput) -> tuple[list[torch.Tensor], lis
     end = lambda t: t.shape[2] - S  # noqa: E731
     keys = [k[:, :, P:end(k)] for k, _ in outputs.present_key_values]
     values = [v[:, :, P:end(v)] for _, v in outputs.present_key_values]
-    B = outputs.hidden_states.shape[0]
-    T = outputs.hidden_states.shape[1] - P - S
-    mask = outputs.attention_mask
-    if mask is None:
-        mask = torch.ones(B, T, dtype=torch.bool, device=outputs.hidden_states.device)
-    return keys, values, mask
+    return keys, values, outputs.attention_mask
 
 
 def append_and_trim(cache: KVCache, outputs: BackboneOutput, keep_recent: int, n_sink: int,
@@ -65,14 +61,24 @@ def append_and_trim(cache: KVCache, outputs: BackboneOutput, keep_recent: int, n
     if stop_gradient:
         keys, values = [k.detach() for k in keys], [v.detach() for v in values]
     if cache.length:
+        if mask is not None or cache.mask is not None:
+            B, device = keys[0].shape[0], keys[0].device
+            old = cache.mask if cache.mask is not None else torch.ones(B, cache.length, dtype=torch.bool,
+                                                                        device=device)
+            new = mask if mask is not None else torch.ones(B, keys[0].shape[2], dtype=torch.bool, device=device)
+            mask = torch.cat([old, new.bool()], dim=1)
         keys = [torch.cat([old, new], dim=2) for old, new in zip(cache.keys, keys)]
         values = [torch.cat([old, new], dim=2) for old, new in zip(cache.values, values)]
-        mask = torch.cat([cache.mask, mask], dim=1)
-    sinks = min(n_sink, mask.shape[1])
-    total = mask.shape[1]
+    total = keys[0].shape[2]
+    sinks = min(n_sink, total)
     if total > sinks + keep_recent:
-        keep = torch.cat([torch.arange(sinks), torch.arange(total - keep_recent, total)]).to(mask.device)
-        keys = [k.index_select(2, keep) for k in keys]
-        values = [v.index_select(2, keep) for v in values]
-        mask = mask.index_select(1, keep)
+        if sinks == 0:  # a plain slice: no copy of the index
+            keys = [k[:, :, total - keep_recent:] for k in keys]
+            values = [v[:, :, total - keep_recent:] for v in values]
+            mask = mask[:, total - keep_recent:] if mask is not None else None
+        else:
+            keep = torch.cat([torch.arange(sinks), torch.arange(total - keep_recent, total)]).to(keys[0].device)
+            keys = [k.index_select(2, keep) for k in keys]
+            values = [v.index_select(2, keep) for v in values]
+            mask = mask.index_select(1, keep) if mask is not None else None
     return KVCache(keys, values, mask, sinks)

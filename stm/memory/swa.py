@@ -29,7 +29,7 @@ class SlidingWindow(Memory):
     def prepare(self, state: KVCache) -> SegmentExtras:
         return SegmentExtras(
             past_key_values=state.as_past_key_values(),
-            past_mask=state.mask if state.length else None,
+            past_mask=state.mask,
             window=self.window,
             n_sink=state.n_sink,
         )

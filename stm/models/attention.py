@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,19 @@ def flex_block_mask(
     n_prefix: int = 0,
 ):
     """The mask of `build_attention_mask` as a flex_attention BlockMask (sparse: blocks outside the band
-    are skipped, which is what makes sliding windows fast on a GPU)."""
+    are skipped, which is what makes sliding windows fast on a GPU). Without padding the mask depends only on
+    the sizes, and the same few recur segment after segment: those are built once and reused."""
+    if key_padding is None:
+        return _cached_block_mask(n_past, n_query, str(device), window, n_sink, n_prefix)
+    return _block_mask(n_past, n_query, batch_size, device, key_padding, window, n_sink, n_prefix)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_block_mask(n_past, n_query, device, window, n_sink, n_prefix):
+    return _block_mask(n_past, n_query, None, torch.device(device), None, window, n_sink, n_prefix)
+
+
+def _block_mask(n_past, n_query, batch_size, device, key_padding, window, n_sink, n_prefix):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -91,6 +104,7 @@ def flex_block_mask(
         Q_LEN=n_query,
         KV_LEN=n_past + n_query,
         device=device,
+        _compile=torch.device(device).type == "cuda",
     )
 
 
@@ -107,6 +121,12 @@ def flex_attention(q, k, v, block_mask):
         )
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention as flex
+
+        # one compiled kernel per shape (the cache grows while it fills, then stays): allow enough of them,
+        # or flex would silently fall back to its slow uncompiled reference
+        for key in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, key):
+                setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 64))
 
         _compiled_flex = torch.compile(flex, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask)

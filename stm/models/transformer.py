@@ -92,6 +92,7 @@ class Attention(nn.Module):
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
         n_past = k.shape[2] - L
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast q/k/v are bf16 while x is float32
         q = apply_rotary(q, cos[n_past:], sin[n_past:])
         k = apply_rotary(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
@@ -212,7 +213,10 @@ class Transformer(nn.Module):
         attention = self.config.attention
         if attention == "auto":
             attention = "flex" if x.is_cuda else "sdpa"
-        if attention == "sdpa" and extras.window is not None and L > 2 * extras.window:
+        plain_causal = n_past == 0 and key_padding is None and (extras.window is None or extras.window >= L)
+        if plain_causal:
+            mask = None  # SDPA's is_causal path (flash attention): nothing for a mask to add
+        elif attention == "sdpa" and extras.window is not None and L > 2 * extras.window:
             mask = BandedLayout(n_past, extras.window, extras.n_sink, P, key_padding)
         else:
             mask = (flex_block_mask if attention == "flex" else build_attention_mask)(

@@ -1,0 +1,245 @@
+"""Render benchmarks/results/*.json as markdown tables (stdout), and optionally into README.md.
+
+    python benchmarks/report.py                    # print every section
+    python benchmarks/report.py --write-readme     # also replace the README sections between markers
+
+README sections are replaced only where both markers already exist, e.g.
+
+    <!-- bench:train_speed -->  ...  <!-- /bench:train_speed -->
+    <!-- bench:stream -->       ...  <!-- /bench:stream -->
+    <!-- bench:gpu -->          ...  <!-- /bench:gpu -->
+
+Each table names the command that produced it and the machine, torch version and threads it ran on.
+For every benchmark the full-size result (train_speed.json, ...) is used; its --quick/--smoke variant only
+when no full-size result exists (and the section says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+SECTIONS = {  # README marker name -> (benchmark field, full-size file, small variant)
+    "train_speed": ("train_speed", "train_speed.json", "train_speed_quick.json"),
+    "stream": ("stream_inference", "stream_inference.json", "stream_inference_quick.json"),
+    "gpu": ("gpu_check", "gpu_check.json", "gpu_check_smoke.json"),
+}
+
+
+def load(results_dir: Path, section: str) -> tuple[dict | None, bool]:
+    _, full, small = SECTIONS[section]
+    for name, is_small in ((full, False), (small, True)):
+        path = results_dir / name
+        if path.is_file():
+            return json.loads(path.read_text()), is_small
+    return None, False
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def fmt(x, digits=3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance(data: dict, small: bool) -> str:
+    env = data.get("environment", {})
+    cuda = env.get("cuda")
+    where = f"{cuda['device']} (CUDA {cuda.get('cuda_version')})" if cuda else \
+        f"{env.get('cpu_model', '?')}, {env.get('cpu_count', '?')} CPUs"
+    threads = data.get("config", {}).get("threads", env.get("torch_num_threads"))
+    git = env.get("git", {}) or {}
+    commit = (git.get("commit") or "?")[:10] + (" (uncommitted changes)" if git.get("dirty") else "")
+    load = data.get("load_average_before") or env.get("load_average")
+    after = data.get("load_average_after")
+    load_txt = f"; load average before {load[0]}" if load else ""
+    load_txt += f", after {after[0]}" if after else ""
+    note = " **(small check run, not the full-size benchmark)**" if small else ""
+    return (f"`{data.get('command', '?')}`{note}  \n{where}, torch {env.get('torch', '?')}, {threads} threads, "
+            f"Python {env.get('python', '?')}; {env.get('date', '?')}, commit {commit}{load_txt}.")
+
+
+# ---------------------------------------------------------------------------------------- train speed
+
+def render_train_speed(data: dict, small: bool) -> str:
+    cfg = data["config"]
+    out = [f"**Training speed** ({cfg['n_layers']} layers, width {cfg['d_model']}, {cfg['n_heads']} heads, "
+           f"vocab {cfg['vocab_size']}, batch {cfg['batch']} x {cfg['tokens_per_sample']} tokens, {cfg['dtype']}; "
+           f"segments of {cfg['segment_len']}; {cfg['warmup']} warm-up + {cfg['repeats']} measured steps each, "
+           "median)", "", provenance(data, small), ""]
+    rows = []
+    for name, rec in data["systems"].items():
+        if "error" in rec and "tokens_per_s" not in rec:
+            rows.append([name, rec.get("family", "?"), "–", "–", "–", "–", "failed: "
+                         + rec["error"].splitlines()[0][:80]])
+            continue
+        rows.append([f"**{name}**" if rec.get("family") == "stm" else name, rec.get("family"),
+                     fmt(rec.get("params")), fmt(rec.get("seconds_per_step")), fmt(rec.get("tokens_per_s")),
+                     fmt(rec.get("peak_extra_mib")), rec.get("description", "")])
+    out.append(table(["system", "", "params", "s/step", "tokens/s", "peak extra MiB", "what"], rows))
+    out += ["", "Ours against the fastest matching peer (tokens/s ratio > 1: ours faster; memory ratio < 1: "
+            f"ours smaller; goal {data['comparisons'][0]['goal'] if data['comparisons'] else 1.3}x):", ""]
+    rows = []
+    for c in data["comparisons"]:
+        if "speed_ratio" not in c:
+            rows.append([c["ours"], " / ".join(c["peers"]), "–", "–", "–"])
+            continue
+        rows.append([c["ours"], f"{c['fastest_peer']} (of {', '.join(c['peers'])})", f"{c['speed_ratio']:.2f}x",
+                     "yes" if c["meets_goal"] else "no", fmt(c.get("memory_ratio"), 2)])
+    out.append(table(["ours", "fastest matching peer", "speed ratio", "meets goal", "memory ratio"], rows))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------- stream
+
+def short_len(n: int) -> str:
+    return f"{n // 1048576}M" if n % 1048576 == 0 else f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def render_stream(data: dict, small: bool) -> str:
+    cfg = data["config"]
+    lengths = cfg["lengths"]
+    out = [f"**Inference over a stream** (batch 1, no grad, {cfg['dtype']}, {cfg['n_layers']} layers, width "
+           f"{cfg['d_model']}, segments of {cfg['segment_len']}; full = one forward over the whole stream). "
+           "Cells: ms per token (over the whole stream) / peak extra MiB.", "", provenance(data, small), ""]
+    rows = []
+    for mech, per_len in data["results"].items():
+        if "error" in per_len and not isinstance(per_len.get("error"), dict):
+            rows.append([mech] + ["failed"] * len(lengths))
+            continue
+        row = [mech]
+        for n in lengths:
+            rec = per_len.get(str(n))
+            if rec is None:
+                row.append("–")
+            elif "s_per_token" in rec:
+                row.append(f"{rec['s_per_token'] * 1e3:.3f} / {common.mib(rec['memory']['peak_extra_bytes'])}")
+            else:
+                row.append("skipped" + (f" (projected {rec['projected_s']:.0f} s)" if rec.get("projected_s") else ""))
+        rows.append(row)
+    out.append(table(["mechanism"] + [short_len(n) for n in lengths], rows))
+    out += ["", "Flatness = value at the longest length measured / value at the shortest (1.0 = flat):", ""]
+    rows = []
+    for mech, s in data["summary"].items():
+        f = s.get("flatness")
+        if not f:
+            rows.append([mech, fmt(s.get("longest_tokens")), "–", "–", "–", "–"])
+            continue
+        proj = s.get("projected_s_for_longest")
+        rows.append([mech, f"{short_len(f['from_tokens'])} → {short_len(f['to_tokens'])}",
+                     f"{f['time_per_token']:.2f}", fmt(f.get("recent_time_per_token"), 3),
+                     fmt(f.get("memory"), 3), f"{proj:.0f} s" if proj else "–"])
+    out.append(table(["mechanism", "lengths", "time/token", "recent time/token", "peak memory",
+                      f"projected time for {short_len(lengths[-1])}"], rows))
+    skipped = sorted({rec["skipped"] for per_len in data["results"].values() if isinstance(per_len, dict)
+                      for rec in per_len.values() if isinstance(rec, dict) and "skipped" in rec})
+    if skipped:
+        out += ["", "Skipped: " + "; ".join(skipped) + "."]
+    return "\n".join(out)
+
+
+# -------------------------------------------------------------------------------------------------- gpu
+
+def render_gpu(data: dict, small: bool) -> str:
+    out = [f"**GPU check** on {data.get('device')}" + (" (smoke sizes)" if data.get("smoke") else ""), "",
+           provenance(data, small), "", "flex vs sdpa, same weights (max abs difference; relative to the largest "
+           "value in brackets; bf16: beside it what bf16 itself changes on the sdpa path):", ""]
+    rows = []
+    for r in data.get("agreement", []):
+        if "logits_max_abs_diff" not in r:
+            rows.append([r["case"], r["dtype"], r.get("skipped") or r.get("error", "").splitlines()[0][:100],
+                         "", "", ""])
+            continue
+        grad = f"{r['grad_max_abs_diff']:.3g} ({r['grad_rel_diff']:.2g})" if "grad_max_abs_diff" in r else "–"
+        y = r.get("bf16_vs_fp32_sdpa", {})
+        rows.append([r["case"], r["dtype"], f"{r['logits_max_abs_diff']:.3g} ({r['logits_rel_diff']:.2g})",
+                     f"{r['loss_abs_diff']:.3g}", grad,
+                     f"{y['logits_max_abs_diff']:.3g}" if y else "–"])
+    out.append(table(["case", "dtype", "logits", "loss", "gradients", "bf16 vs fp32 logits"], rows))
+    tc = data.get("throughput_config")
+    if tc:
+        m = tc["model"]
+        out += ["", f"Training throughput ({m['n_layers']} layers, width {m['d_model']}, {m['n_heads']} heads, "
+                f"d_ff {m['d_ff']}, vocab {m['vocab_size']}; batch {tc['batch']} x "
+                f"{tc['segment_len'] * tc['n_segments']} tokens, {tc['autocast']} autocast; median of "
+                f"{tc['steps']} steps). {data.get('mfu_formula', '')}", ""]
+    rows = []
+    for r in data.get("throughput", []):
+        if "tokens_per_s" not in r:
+            rows.append([r["system"], r.get("skipped") or r.get("error", "").splitlines()[0][:100], "", "", "", ""])
+            continue
+        rows.append([r["system"], fmt(r["tokens_per_s"]), fmt(r["seconds_per_step"]), f"{r['mfu'] * 100:.1f}%",
+                     fmt(r.get("peak_memory_gib")), fmt(r.get("params"))])
+    if rows:
+        out.append(table(["system", "tokens/s", "s/step", "MFU", "peak GiB", "params"], rows))
+    return "\n".join(out)
+
+
+RENDER = {"train_speed": render_train_speed, "stream": render_stream, "gpu": render_gpu}
+
+
+def write_readme(readme: Path, sections: dict[str, str]) -> list[str]:
+    """Replace each section between its markers; returns the names replaced (others are left alone)."""
+    text = readme.read_text()
+    done = []
+    for name, body in sections.items():
+        pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->)(.*?)(<!-- /bench:{re.escape(name)} -->)", re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda m, body=body: f"{m.group(1)}\n{body}\n{m.group(3)}", text, count=1)
+            done.append(name)
+    if done:
+        readme.write_text(text)
+    return done
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results-dir", default=str(common.RESULTS_DIR))
+    p.add_argument("--write-readme", action="store_true", help="fill the README sections between markers")
+    p.add_argument("--readme", default=str(common.REPO_ROOT / "README.md"))
+    args = p.parse_args(argv)
+
+    sections = {}
+    for name in SECTIONS:
+        data, small = load(Path(args.results_dir), name)
+        if data is None:
+            continue
+        try:
+            sections[name] = RENDER[name](data, small)
+        except (KeyError, TypeError, ValueError) as exc:
+            sections[name] = f"(could not render {name}: {type(exc).__name__}: {exc})"
+    if not sections:
+        print(f"no results in {args.results_dir}", file=sys.stderr)
+        return
+    print("\n\n".join(f"### {name}\n\n{body}" for name, body in sections.items()))
+    if args.write_readme:
+        readme = Path(args.readme)
+        done = write_readme(readme, sections) if readme.is_file() else []
+        missing = [n for n in sections if n not in done]
+        print(f"\n{readme}: replaced {done or 'nothing'}"
+              + (f"; no markers for {missing} (add <!-- bench:NAME --> ... <!-- /bench:NAME -->)" if missing else ""),
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
