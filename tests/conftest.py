@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("STM_CACHE_DIR", tempfile.mkdtemp(prefix="stm-test-cache-"))  # tests never touch ~/.cache
 os.environ.setdefault("WANDB_SILENT", "true")
 
 

@@ -28,6 +28,17 @@ def test_fast_dev_run(train_config, model, memory, task):
     assert Path(cfg.paths.output_dir, "config_resolved.yaml").is_file()
 
 
+@pytest.mark.parametrize("memory", ["xl", "rmt"])
+def test_stream_lanes_training_carries_memory(train_config, memory):
+    """data.mode=lanes: contiguous lanes, the memory state carried from batch to batch during a real run."""
+    cfg = train_config(["debug=limit", "data.mode=lanes", f"memory={memory}", "data.batch_size=4",
+                        "data.val_batch_size=4", "trainer.limit_val_batches=3"])
+    val_loss = train(cfg)
+    assert val_loss is not None and 2.0 < val_loss < 6.0
+    metrics = read_csv_metrics(Path(cfg.paths.output_dir) / "csv" / "metrics.csv")
+    assert len(metrics["train/loss"]) == 6
+
+
 def test_short_run_writes_checkpoints_and_csv(train_config):
     cfg = train_config(["debug=limit", "data.batch_size=4"])
     train(cfg)

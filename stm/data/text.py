@@ -1,8 +1,13 @@
-"""Language-modelling data: plain-text documents, tokenized, cut into fixed-length chunks.
+"""Language-modelling data: plain-text documents, tokenized (cached on disk), fed in one of two modes.
 
-Each chunk is `chunk_len` input tokens with their next-token labels; the task reads it segment by segment.
+- `mode: chunks`: independent chunks of `chunk_len` input tokens with their next-token labels, shuffled;
+  the task reads each in segments and starts every chunk with a fresh memory.
+- `mode: lanes`: the text in `batch_size` contiguous lanes; batch t+1 continues batch t lane by lane, and
+  the task carries the memory state across steps (`stm.data.sampling.StreamLanes`).
+
 Every document is split into a training head and a validation tail (`val_fraction` of its tokens), so both
-splits see every document. Documents are joined with the tokenizer's eos token.
+splits see every document. Documents are joined with the tokenizer's eos token. Under DDP every rank reads
+disjoint chunks or lanes; the position in the epoch is part of the datamodule's state (checkpoints).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from stm.data.cache import cached_tokenize
+from stm.data.sampling import ResumableSequence, ShardedSampler, StreamLanes
 from stm.data.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -92,6 +99,8 @@ class TextDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int | None = 0,
+        mode: str = "chunks",
+        cache_dir: str | None | bool = None,
     ):
         super().__init__()
         if (files is None) == (sample is None):
@@ -102,6 +111,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+        if mode not in ("chunks", "lanes"):
+            raise ValueError(f"data.mode must be 'chunks' or 'lanes', got {mode!r}")
         self.tokenizer = tokenizer
         self.chunk_len = chunk_len
         self.files = list(files) if files is not None else sample_files(sample)
@@ -111,6 +122,10 @@ class TextDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.mode = mode
+        self.cache_dir = cache_dir
+        self.train_sampler = None
+        self._pending_sampler_state: dict | None = None
         self.train_set: ChunkDataset | None = None
         self.val_set: ChunkDataset | None = None
         self.train_ids: np.ndarray | None = None
@@ -123,9 +138,13 @@ class TextDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         eos = self.tokenizer.eos_token_id
+        corpus, _ = cached_tokenize(
+            self.files, None, self.tokenizer, self.cache_dir,
+            read_texts=lambda: [text for _, text in read_documents(self.files, self.files_key)],
+        )
         train_ids, train_bytes, val_ids, val_bytes = [], [], [], []
-        for path, text in read_documents(self.files, self.files_key):
-            ids, counts = self.tokenizer.encode_with_byte_counts(text)
+        for d, path in enumerate(self.files):
+            ids, counts = corpus.document(d)
             cut = int(len(ids) * (1 - self.val_fraction))
             if cut < 2 or len(ids) - cut < 2:
                 raise ValueError(f"{self.files_key}: {path} is too short to split ({len(ids)} tokens)")
@@ -134,8 +153,10 @@ class TextDataModule(L.LightningDataModule):
                 store_ids += [ids[part], np.array([eos])]
                 store_bytes += [counts[part], np.array([0])]
         self.train_ids = np.concatenate(train_ids)
-        self.train_set = ChunkDataset(self.train_ids, np.concatenate(train_bytes), self.chunk_len)
-        self.val_set = ChunkDataset(np.concatenate(val_ids), np.concatenate(val_bytes), self.chunk_len)
+        self.train_bytes = np.concatenate(train_bytes)
+        self.val_ids, self.val_bytes = np.concatenate(val_ids), np.concatenate(val_bytes)
+        self.train_set = ChunkDataset(self.train_ids, self.train_bytes, self.chunk_len)
+        self.val_set = ChunkDataset(self.val_ids, self.val_bytes, self.chunk_len)
         for name, ds in (("train", self.train_set), ("validation", self.val_set)):
             if len(ds) == 0:
                 raise ValueError(
@@ -147,11 +168,44 @@ class TextDataModule(L.LightningDataModule):
             len(self.files), len(self.train_set), len(self.val_set), self.chunk_len, self.tokenizer,
         )
 
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _lanes(self, ids, byte_counts, lanes_per_rank: int) -> StreamLanes:
+        rank, world = self._world()
+        return StreamLanes(ids, byte_counts, lanes_per_rank=lanes_per_rank, chunk_len=self.chunk_len,
+                           pad_token_id=self.tokenizer.pad_token_id, rank=rank, world_size=world)
+
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=generator, num_workers=self.num_workers)
+        rank, world = self._world()
+        if self.mode == "lanes":
+            lanes = self._lanes(self.train_ids, self.train_bytes, self.batch_size)
+            self.train_sampler = ResumableSequence(len(lanes))
+            dataset, batch_size = lanes, None
+        else:
+            self.train_sampler = ShardedSampler(len(self.train_set), rank=rank, world_size=world, seed=self.seed)
+            dataset, batch_size = self.train_set, self.batch_size
+        if self._pending_sampler_state is not None:
+            self.train_sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+        return DataLoader(dataset, batch_size=batch_size, sampler=self.train_sampler,
+                          drop_last=batch_size is not None, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
+        if self.mode == "lanes":
+            lanes = self._lanes(self.val_ids, self.val_bytes, self.val_batch_size)
+            return DataLoader(lanes, batch_size=None, shuffle=False, num_workers=self.num_workers)
+        rank, world = self._world()
+        sampler = ShardedSampler(len(self.val_set), rank=rank, world_size=world, shuffle=False)
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, sampler=sampler,
                           num_workers=self.num_workers)
+
+    def state_dict(self) -> dict:
+        """The training sampler's position: a resumed run reads the rest of the epoch."""
+        return {"train_sampler": self.train_sampler.state_dict()} if self.train_sampler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending_sampler_state = state.get("train_sampler")

@@ -37,6 +37,9 @@ class ByteTokenizer:
         ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
         return ids, np.ones_like(ids)
 
+    def encode_batch_with_byte_counts(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self.encode_with_byte_counts(t) for t in texts]
+
     def __repr__(self) -> str:
         return "ByteTokenizer()"
 
@@ -85,11 +88,20 @@ class HFTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def encode_with_byte_counts(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.encode_batch_with_byte_counts([text])[0]
+
+    def encode_batch_with_byte_counts(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One call for the whole batch: a fast tokenizer encodes it in parallel."""
         if not getattr(self.tokenizer, "is_fast", False):
             raise TypeError(f"tokenizer '{self.name}' is not a fast tokenizer; byte counts need offsets")
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        ids = np.asarray(enc["input_ids"], dtype=np.int64)
-        char_ends = np.asarray([end for _, end in enc["offset_mapping"]], dtype=np.int64)
+        enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [self._with_byte_counts(text, ids, offsets)
+                for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"])]
+
+    @staticmethod
+    def _with_byte_counts(text: str, token_ids, offset_mapping) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(token_ids, dtype=np.int64)
+        char_ends = np.asarray([end for _, end in offset_mapping], dtype=np.int64)
         if text.isascii():
             byte_ends = char_ends
         else:

@@ -77,14 +77,26 @@ class LanguageModelTask(L.LightningModule):
         self.val_metrics = LanguageModelMetrics()
         self.run_config: dict | None = None  # the resolved run config, stored in every checkpoint
         self.last_val: dict[str, float] = {}
+        self.lane_states: dict[str, object] = {}  # stream lanes: the memory state carried across batches
 
     def forward(self, batch: dict[str, torch.Tensor]) -> SegmentRun:
-        return run_segments(
+        """Read a batch. Batches of stream lanes (with `lane_start`) continue the previous batch's memory
+        state, detached: gradients stay within a batch, the memory reaches back across batches."""
+        lanes = "lane_start" in batch
+        split = "train" if self.training else "val"
+        state = self.lane_states.get(split) if lanes and not bool(batch["lane_start"]) else None
+        run = run_segments(
             self.model, self.memory, batch["input_ids"],
-            labels=batch["labels"], attention_mask=batch.get("attention_mask"),
+            labels=batch["labels"], attention_mask=batch.get("attention_mask"), state=state,
             segment_len=self.segment_len, bptt_depth=self.bptt_depth,
             checkpoint_segments=self.checkpoint_segments and self.training,
         )
+        if lanes:
+            self.lane_states[split] = self.memory.detach(run.state)
+        return run
+
+    def on_validation_epoch_start(self):
+        self.lane_states.pop("val", None)
 
     def training_step(self, batch, batch_idx):
         run = self(batch)
