@@ -30,6 +30,7 @@ SECTIONS = {  # README marker name -> (benchmark field, full-size file, small va
     "train_speed": ("train_speed", "train_speed.json", "train_speed_quick.json"),
     "stream": ("stream_inference", "stream_inference.json", "stream_inference_quick.json"),
     "gpu": ("gpu_check", "gpu_check.json", "gpu_check_smoke.json"),
+    "tokenize": ("tokenize_throughput", "tokenize_throughput.json", "tokenize_throughput_quick.json"),
 }
 
 
@@ -195,7 +196,25 @@ def render_gpu(data: dict, small: bool) -> str:
     return "\n".join(out)
 
 
-RENDER = {"train_speed": render_train_speed, "stream": render_stream, "gpu": render_gpu}
+
+
+def render_tokenize(data: dict, small: bool) -> str:
+    rows = []
+    for r in data["results"]:
+        tps = r["tokens_per_s"]
+        rows.append([r["tokenizer"], f"{r['tokens']:,}", f"{tps['baseline']:,.0f}", f"{tps['first']:,.0f}",
+                     f"{tps['cached']:,.0f}", f"{r['stm_first_vs_baseline']:.2f}x", f"{r['cached_vs_first']:.1f}x"])
+    goals = data.get("goals", {})
+    return (f"**Tokenize + chunk** the five Austen novels into chunks of {data['config']['chunk_len']} tokens "
+            f"(median of {data['config']['repeats']} runs).\n\n{provenance(data, small)}\n\n"
+            + table(["tokenizer", "tokens", "baseline tokens/s (per-document loop)", "stm first pass tokens/s",
+                     "stm cached pass tokens/s", "first pass vs baseline", "cached vs first pass"], rows)
+            + f"\n\nGoals: first pass >= {goals.get('first_pass_tokens_per_s', 0):,.0f} tokens/s, cached pass "
+              f">= {goals.get('cached_vs_first', '?')}x faster than the first.")
+
+
+RENDER = {"train_speed": render_train_speed, "stream": render_stream, "gpu": render_gpu,
+          "tokenize": render_tokenize}
 
 
 def write_readme(readme: Path, sections: dict[str, str]) -> list[str]:

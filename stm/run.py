@@ -12,6 +12,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -150,9 +151,9 @@ def unigram_baseline(datamodule, vocab_size: int) -> dict[str, float] | None:
     if train_ids is None or val_set is None:
         return None
     n = len(val_set) * val_set.chunk_len
-    labels = val_set.ids[1:n + 1].numpy()
+    labels = np.asarray(val_set.ids[1:n + 1])
     nll = unigram_nll(train_ids, labels, vocab_size)
-    n_bytes = int(val_set.byte_counts[1:n + 1].sum())
+    n_bytes = int(np.asarray(val_set.byte_counts[1:n + 1]).sum())
     return {"loss": nll / len(labels), "bpb": nll / math.log(2) / max(n_bytes, 1)}
 
 

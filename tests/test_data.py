@@ -69,8 +69,8 @@ def test_chunks_are_shifted_pairs_and_splits_cover_every_document(tmp_path):
     item = dm.train_set[3]
     assert torch.equal(item["input_ids"][1:], item["labels"][:-1])
     assert item["label_bytes"].sum() == 16
-    train_text = ByteTokenizer().decode(dm.train_set.ids.numpy())
-    val_text = ByteTokenizer().decode(dm.val_set.ids.numpy())
+    train_text = ByteTokenizer().decode(dm.train_set.ids)
+    val_text = ByteTokenizer().decode(dm.val_set.ids)
     assert train_text == "abcdefghij" * 45 + "0123456789" * 45
     assert val_text == "abcdefghij" * 5 + "0123456789" * 5
     batch = next(iter(dm.train_dataloader()))
@@ -129,3 +129,17 @@ def test_unigram_nll():
     # add-one smoothing over a vocabulary of 3: p = (4, 2, 1) / 7
     expected = -(math.log(4 / 7) + math.log(2 / 7) + math.log(1 / 7))
     assert math.isclose(unigram_nll(train, np.array([0, 1, 2]), vocab_size=3), expected, rel_tol=1e-9)
+
+
+def test_long_texts_are_cut_for_parallel_tokenization_without_changing_tokens(local_bpe):
+    from stm.data.tokenizers import split_for_parallel
+
+    text = sample_files("austen")[2].read_text()[:300_000]
+    pieces = split_for_parallel(text, piece_chars=10_000)
+    assert len(pieces) > 20 and "".join(pieces) == text
+    tok = HFTokenizer(str(local_bpe))
+    assert tok._cuts_are_exact()
+    ids, counts = tok.encode_with_byte_counts(text)
+    whole = tok.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids.tolist() == whole
+    assert counts.sum() == len(text.encode("utf-8"))

@@ -66,8 +66,7 @@ class ChunkDataset(Dataset):
     """
 
     def __init__(self, ids: np.ndarray, byte_counts: np.ndarray, chunk_len: int):
-        self.ids = torch.from_numpy(ids.astype(np.int64))
-        self.byte_counts = torch.from_numpy(byte_counts.astype(np.int64))
+        self.ids, self.byte_counts = ids, byte_counts  # kept as given (a memory map stays one): no copy
         self.chunk_len = chunk_len
         self.n_chunks = (len(ids) - 1) // chunk_len
 
@@ -78,10 +77,11 @@ class ChunkDataset(Dataset):
         if not 0 <= i < self.n_chunks:
             raise IndexError(i)
         s = i * self.chunk_len
+        as_long = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))  # noqa: E731
         return {
-            "input_ids": self.ids[s:s + self.chunk_len],
-            "labels": self.ids[s + 1:s + self.chunk_len + 1],
-            "label_bytes": self.byte_counts[s + 1:s + self.chunk_len + 1],
+            "input_ids": as_long(self.ids[s:s + self.chunk_len]),
+            "labels": as_long(self.ids[s + 1:s + self.chunk_len + 1]),
+            "label_bytes": as_long(self.byte_counts[s + 1:s + self.chunk_len + 1]),
         }
 
 

@@ -13,6 +13,7 @@ of the text), which makes bits per byte comparable across tokenizers.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -91,22 +92,46 @@ class HFTokenizer:
         return self.encode_batch_with_byte_counts([text])[0]
 
     def encode_batch_with_byte_counts(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One call for the whole batch: a fast tokenizer encodes it in parallel."""
+        """One call for the whole batch: a fast tokenizer encodes it in parallel.
+
+        Long texts (novels, meeting transcripts) are cut into pieces first, so that the cores share the work
+        evenly; the cut falls before a space that starts a word after a non-space character, where a
+        byte-level pre-tokenizer splits anyway, so the tokens are the same as for the whole text. Only
+        tokenizers with a byte-level pre-tokenizer and no normaliser are cut (`_cuts_are_exact`)."""
         if not getattr(self.tokenizer, "is_fast", False):
             raise TypeError(f"tokenizer '{self.name}' is not a fast tokenizer; byte counts need offsets")
-        enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        return [self._with_byte_counts(text, ids, offsets)
-                for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"])]
+        pieces, owner = [], []
+        for i, text in enumerate(texts):
+            parts = split_for_parallel(text) if self._cuts_are_exact() else [text]
+            pieces += parts
+            owner += [i] * len(parts)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            # the Rust tokenizer directly: the same tokens, without transformers' per-token Python lists
+            encodings = backend.encode_batch(pieces, add_special_tokens=False)
+            ids_and_offsets = [(e.ids, e.offsets) for e in encodings]
+        else:
+            enc = self.tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            ids_and_offsets = list(zip(enc["input_ids"], enc["offset_mapping"]))
+        per_text: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in texts]
+        for i, piece, (ids, offsets) in zip(owner, pieces, ids_and_offsets):
+            per_text[i].append(self._with_byte_counts(piece, ids, offsets))
+        return [(np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])) for parts in per_text]
+
+    def _cuts_are_exact(self) -> bool:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        return backend is not None and backend.normalizer is None and "ByteLevel" in str(backend.pre_tokenizer)
 
     @staticmethod
     def _with_byte_counts(text: str, token_ids, offset_mapping) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(token_ids, dtype=np.int64)
-        char_ends = np.asarray([end for _, end in offset_mapping], dtype=np.int64)
+        char_ends = np.asarray(offset_mapping, dtype=np.int64).reshape(-1, 2)[:, 1]
         if text.isascii():
             byte_ends = char_ends
-        else:
-            char_bytes = np.fromiter((len(c.encode("utf-8")) for c in text), dtype=np.int64, count=len(text))
-            byte_ends = np.concatenate([[0], np.cumsum(char_bytes)])[char_ends]
+        else:  # where each character starts in the UTF-8 bytes: at every byte that is not a continuation byte
+            raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+            char_starts = np.flatnonzero((raw & 0xC0) != 0x80)
+            byte_ends = np.append(char_starts, len(raw))[char_ends]
         # a token accounts for the bytes from the previous token's end to its own end (whitespace included)
         byte_ends = np.maximum.accumulate(byte_ends) if len(byte_ends) else byte_ends
         counts = np.diff(np.concatenate([[0], byte_ends]))
@@ -119,3 +144,19 @@ class HFTokenizer:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
+
+_WORD_AFTER_NON_SPACE = re.compile(r"(?<=\S) (?=[A-Za-z])")
+
+
+def split_for_parallel(text: str, piece_chars: int = 32_768) -> list[str]:
+    """Cut a long text into pieces of about `piece_chars` characters, each cut right before a space that
+    follows a non-space character and precedes a letter."""
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        cut = _WORD_AFTER_NON_SPACE.search(text, start + piece_chars)
+        if cut is None:
+            break
+        pieces.append(text[start:cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
