@@ -332,3 +332,15 @@ def test_topical_chat(source_config):
     assert r.id == "t_a2b769a0-c082-4c26-8d8d-e2c5b8a79d93" and r.origin.endswith(f"valid_freq.json#{r.id}")
     assert r.turns[0] == {"speaker": "agent_1", "text": "Are you a football fan?"}
     assert all({t["speaker"] for t in r.turns} <= {"agent_1", "agent_2"} for r in records)
+
+
+@needs_data
+def test_language_modelling_over_a_record_source(train_config):
+    """data=records with a real source: QMSum meetings become documents, the run trains on them."""
+    from stm.run import train
+
+    cfg = train_config(["data=records", "source@data.source=qmsum_general", "debug=fast_dev_run",
+                        f"data.source.root={SHARED_DATA}", "data.batch_size=2", "data.val_batch_size=2"])
+    assert cfg.data.source.path == "summarization/qmsum/train/*.json"
+    val_loss = train(cfg)
+    assert val_loss is not None and 4.0 < val_loss < 7.0

@@ -56,12 +56,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return "|".join(parts)
 
 
-def corpus_key(paths: list[str | Path], tokenizer) -> str:
+def corpus_key(paths: list[str | Path], tokenizer, extra_key: str = "") -> str:
+    """The cache entry of these files under this tokenizer (`extra_key`: anything else the text depends
+    on, such as a source's field mapping)."""
     files = []
     for p in paths:
         stat = Path(p).stat()
         files.append([str(Path(p).resolve()), stat.st_size, stat.st_mtime_ns])
-    blob = json.dumps({"files": files, "tokenizer": tokenizer_fingerprint(tokenizer), "version": FORMAT_VERSION})
+    blob = json.dumps({"files": files, "tokenizer": tokenizer_fingerprint(tokenizer), "extra": extra_key,
+                       "version": FORMAT_VERSION})
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -85,7 +88,8 @@ def tokenize_texts(texts: list[str], tokenizer, batch_size: int = 64, progress: 
 
 
 def cached_tokenize(paths: list[str | Path], texts: list[str] | None, tokenizer,
-                    cache_dir: str | Path | None = None, read_texts=None) -> tuple[TokenizedCorpus, bool]:
+                    cache_dir: str | Path | None | bool = None, read_texts=None,
+                    extra_key: str = "") -> tuple[TokenizedCorpus, bool]:
     """The tokenized documents of `paths`, from the cache when present. Returns (corpus, was_cached).
 
     `texts` are the documents' texts (or `read_texts()` gives them, called only on a cache miss).
@@ -94,7 +98,7 @@ def cached_tokenize(paths: list[str | Path], texts: list[str] | None, tokenizer,
     if cache_dir is False:
         return tokenize_texts(texts if texts is not None else read_texts(), tokenizer), False
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    entry = folder / corpus_key(paths, tokenizer)
+    entry = folder / corpus_key(paths, tokenizer, extra_key)
     names = ("ids.npy", "byte_counts.npy", "offsets.npy")
     if all((entry / n).is_file() for n in names):
         arrays = [np.load(entry / n, mmap_mode="r") for n in names]

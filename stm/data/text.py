@@ -101,10 +101,12 @@ class TextDataModule(L.LightningDataModule):
         seed: int | None = 0,
         mode: str = "chunks",
         cache_dir: str | None | bool = None,
+        source=None,
     ):
         super().__init__()
-        if (files is None) == (sample is None):
-            raise ValueError("data: give exactly one of data.files (paths to text files) and data.sample")
+        if sum(x is not None for x in (files, sample, source)) != 1:
+            raise ValueError("data: give exactly one of data.files (paths to text files), data.sample (a shipped "
+                             "sample) and data.source (a record source, conf/source/)")
         if chunk_len is None or chunk_len <= 0:
             raise ValueError(f"data.chunk_len must be a positive integer, got {chunk_len}")
         if not 0 < val_fraction < 1:
@@ -115,8 +117,12 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.mode must be 'chunks' or 'lanes', got {mode!r}")
         self.tokenizer = tokenizer
         self.chunk_len = chunk_len
-        self.files = list(files) if files is not None else sample_files(sample)
-        self.files_key = "data.files" if files is not None else f"data.sample={sample}"
+        self.source = source
+        if source is not None:
+            self.files, self.files_key = list(getattr(source, "files", [])), f"data.source={source!r}"
+        else:
+            self.files = list(files) if files is not None else sample_files(sample)
+            self.files_key = "data.files" if files is not None else f"data.sample={sample}"
         self.val_fraction = val_fraction
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -138,20 +144,41 @@ class TextDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         eos = self.tokenizer.eos_token_id
-        corpus, _ = cached_tokenize(
-            self.files, None, self.tokenizer, self.cache_dir,
-            read_texts=lambda: [text for _, text in read_documents(self.files, self.files_key)],
-        )
+        if self.source is not None:
+            records = list(self.source)
+            names = [r.origin for r in records]
+            texts = [r.context + (f"\n\n{r.target}" if r.target else "") for r in records]
+            # the cache is keyed by the source's files and its field mapping; a source without files
+            # (a hub dataset, already cached by the hub) is tokenized each time
+            corpus, _ = cached_tokenize(self.files, texts, self.tokenizer, self.cache_dir if self.files else False,
+                                        extra_key=repr(vars(self.source.mapping)))
+        else:
+            names = [str(f) for f in self.files]
+            corpus, _ = cached_tokenize(
+                self.files, None, self.tokenizer, self.cache_dir,
+                read_texts=lambda: [text for _, text in read_documents(self.files, self.files_key)],
+            )
         train_ids, train_bytes, val_ids, val_bytes = [], [], [], []
-        for d, path in enumerate(self.files):
-            ids, counts = corpus.document(d)
-            cut = int(len(ids) * (1 - self.val_fraction))
-            if cut < 2 or len(ids) - cut < 2:
-                raise ValueError(f"{self.files_key}: {path} is too short to split ({len(ids)} tokens)")
-            for store_ids, store_bytes, part in ((train_ids, train_bytes, slice(0, cut)),
-                                                 (val_ids, val_bytes, slice(cut, None))):
-                store_ids += [ids[part], np.array([eos])]
-                store_bytes += [counts[part], np.array([0])]
+
+        def add(store_ids, store_bytes, ids, counts):
+            store_ids += [ids, np.array([eos])]
+            store_bytes += [counts, np.array([0])]
+
+        if self.source is not None:  # many records: the last val_fraction of them (at least one) validate
+            n_val = max(1, round(len(names) * self.val_fraction))
+            if len(names) < 2:
+                raise ValueError(f"{self.files_key}: {len(names)} record(s); a train/validation split needs 2")
+            for d in range(len(names)):
+                add(*((val_ids, val_bytes) if d >= len(names) - n_val else (train_ids, train_bytes)),
+                    *corpus.document(d))
+        else:  # a few long documents: each gives its tail to validation
+            for d, path in enumerate(names):
+                ids, counts = corpus.document(d)
+                cut = int(len(ids) * (1 - self.val_fraction))
+                if cut < 2 or len(ids) - cut < 2:
+                    raise ValueError(f"{self.files_key}: {path} is too short to split ({len(ids)} tokens)")
+                add(train_ids, train_bytes, ids[:cut], counts[:cut])
+                add(val_ids, val_bytes, ids[cut:], counts[cut:])
         self.train_ids = np.concatenate(train_ids)
         self.train_bytes = np.concatenate(train_bytes)
         self.val_ids, self.val_bytes = np.concatenate(val_ids), np.concatenate(val_bytes)
@@ -164,8 +191,8 @@ class TextDataModule(L.LightningDataModule):
                     f"({len(ds.ids)}); use more text or a shorter chunk"
                 )
         log.info(
-            "data: %d files, %d train chunks, %d validation chunks of %d tokens (%s)",
-            len(self.files), len(self.train_set), len(self.val_set), self.chunk_len, self.tokenizer,
+            "data: %d documents, %d train chunks, %d validation chunks of %d tokens (%s)",
+            len(names), len(self.train_set), len(self.val_set), self.chunk_len, self.tokenizer,
         )
 
     def _world(self) -> tuple[int, int]:
