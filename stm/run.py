@@ -146,14 +146,12 @@ def unigram_baseline(datamodule, vocab_size: int) -> dict[str, float] | None:
     """Loss and bits per byte of a unigram model fitted on the training text, on the validation text."""
     from stm.metrics import unigram_nll
 
-    train_ids = getattr(datamodule, "train_ids", None)
-    val_set = getattr(datamodule, "val_set", None)
-    if train_ids is None or val_set is None:
+    train_ids, val_ids = getattr(datamodule, "train_ids", None), getattr(datamodule, "val_ids", None)
+    if train_ids is None or val_ids is None or len(val_ids) < 2:
         return None
-    n = len(val_set) * val_set.chunk_len
-    labels = np.asarray(val_set.ids[1:n + 1])
+    labels = np.asarray(val_ids[1:])
     nll = unigram_nll(train_ids, labels, vocab_size)
-    n_bytes = int(np.asarray(val_set.byte_counts[1:n + 1]).sum())
+    n_bytes = int(np.asarray(datamodule.val_bytes[1:]).sum())
     return {"loss": nll / len(labels), "bpb": nll / math.log(2) / max(n_bytes, 1)}
 
 

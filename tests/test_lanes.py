@@ -161,3 +161,28 @@ def test_lm_task_carries_memory_across_lane_batches():
     # a lane start resets the memory: batch 0 read again gives the same loss as the first time
     with torch.no_grad():
         torch.testing.assert_close(task(lanes[0]).nll_sum, nll[0])
+
+
+def test_documents_mode_gives_whole_documents_from_their_start(tmp_path):
+    texts = [f"document {i}: " + "word " * (5 + 7 * i) for i in range(12)]
+    files = []
+    for i, text in enumerate(texts):
+        files.append(tmp_path / f"d{i:02d}.txt")
+        files[-1].write_text(text)
+    dm = TextDataModule(ByteTokenizer(), chunk_len=48, files=[str(f) for f in files], batch_size=3,
+                        mode="documents", val_fraction=0.25, cache_dir=tmp_path / "cache")
+    dm.setup()
+    assert len(dm.train_set) == 12 and len(dm.val_set) == 12  # every document gives head and tail
+    seen = set()
+    for rank in range(2):  # two ranks: disjoint, whole documents
+        sampler = ShardedSampler(len(dm.train_set), rank=rank, world_size=2, seed=0)
+        mine = list(sampler)
+        assert not seen & set(mine)
+        seen |= set(mine)
+    assert seen == set(range(12))
+    item = dm.train_set[4]
+    text = ByteTokenizer().decode(item["input_ids"][item["attention_mask"] == 1].tolist())
+    assert text.startswith("document 4: word")
+    assert (item["labels"][item["attention_mask"] == 0] == IGNORE_INDEX).all()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (3, 48) and "lane_start" not in batch  # a fresh memory per document

@@ -1,7 +1,10 @@
-"""Language-modelling data: plain-text documents, tokenized (cached on disk), fed in one of two modes.
+"""Language-modelling data: plain-text documents, tokenized (cached on disk), fed in one of three modes.
 
 - `mode: chunks`: independent chunks of `chunk_len` input tokens with their next-token labels, shuffled;
   the task reads each in segments and starts every chunk with a fresh memory.
+- `mode: documents`: each sample is one document from its start (up to `chunk_len` tokens, padded with
+  masks), read with a fresh memory; under DDP each document stays whole on one rank. Suits record sources
+  of many short documents (dialogues, chapters).
 - `mode: lanes`: the text in `batch_size` contiguous lanes; batch t+1 continues batch t lane by lane, and
   the task carries the memory state across steps (`stm.data.sampling.StreamLanes`).
 
@@ -24,10 +27,12 @@ from torch.utils.data import DataLoader, Dataset
 from stm.data.cache import cached_tokenize
 from stm.data.sampling import ResumableSequence, ShardedSampler, StreamLanes
 from stm.data.tokenizers import Tokenizer
+from stm.segments import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 SAMPLES = ("austen",)
+MODES = ("chunks", "documents", "lanes")
 
 
 def sample_files(name: str) -> list[Path]:
@@ -85,6 +90,36 @@ class ChunkDataset(Dataset):
         }
 
 
+class DocumentDataset(Dataset):
+    """One sample per document: its first `chunk_len` (input, label) pairs, padded with masks.
+
+    Item i: input_ids, labels (IGNORE_INDEX at padding), label_bytes, attention_mask, each (chunk_len,).
+    """
+
+    def __init__(self, documents: list[tuple[np.ndarray, np.ndarray]], chunk_len: int, pad_token_id: int):
+        self.documents = [(ids, counts) for ids, counts in documents if len(ids) >= 2]
+        self.chunk_len, self.pad_token_id = chunk_len, pad_token_id
+        self.ids = np.concatenate([ids for ids, _ in self.documents]) if self.documents else np.zeros(0)
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, counts = self.documents[i]
+        n = min(len(ids) - 1, self.chunk_len)
+        item = {
+            "input_ids": torch.full((self.chunk_len,), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((self.chunk_len,), IGNORE_INDEX, dtype=torch.long),
+            "label_bytes": torch.zeros(self.chunk_len, dtype=torch.long),
+            "attention_mask": torch.zeros(self.chunk_len, dtype=torch.long),
+        }
+        item["input_ids"][:n] = torch.from_numpy(np.asarray(ids[:n], dtype=np.int64))
+        item["labels"][:n] = torch.from_numpy(np.asarray(ids[1:n + 1], dtype=np.int64))
+        item["label_bytes"][:n] = torch.from_numpy(np.asarray(counts[1:n + 1], dtype=np.int64))
+        item["attention_mask"][:n] = 1
+        return item
+
+
 class TextDataModule(L.LightningDataModule):
     """Text files (or a shipped sample) -> train / validation chunks of `chunk_len` tokens."""
 
@@ -113,8 +148,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
-        if mode not in ("chunks", "lanes"):
-            raise ValueError(f"data.mode must be 'chunks' or 'lanes', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
         self.tokenizer = tokenizer
         self.chunk_len = chunk_len
         self.source = source
@@ -159,10 +194,12 @@ class TextDataModule(L.LightningDataModule):
                 read_texts=lambda: [text for _, text in read_documents(self.files, self.files_key)],
             )
         train_ids, train_bytes, val_ids, val_bytes = [], [], [], []
+        self.train_documents, self.val_documents = [], []
 
         def add(store_ids, store_bytes, ids, counts):
             store_ids += [ids, np.array([eos])]
             store_bytes += [counts, np.array([0])]
+            (self.train_documents if store_ids is train_ids else self.val_documents).append((ids, counts))
 
         if self.source is not None:  # many records: the last val_fraction of them (at least one) validate
             n_val = max(1, round(len(names) * self.val_fraction))
@@ -182,13 +219,18 @@ class TextDataModule(L.LightningDataModule):
         self.train_ids = np.concatenate(train_ids)
         self.train_bytes = np.concatenate(train_bytes)
         self.val_ids, self.val_bytes = np.concatenate(val_ids), np.concatenate(val_bytes)
-        self.train_set = ChunkDataset(self.train_ids, self.train_bytes, self.chunk_len)
-        self.val_set = ChunkDataset(self.val_ids, self.val_bytes, self.chunk_len)
+        if self.mode == "documents":
+            pad = self.tokenizer.pad_token_id
+            self.train_set = DocumentDataset(self.train_documents, self.chunk_len, pad)
+            self.val_set = DocumentDataset(self.val_documents, self.chunk_len, pad)
+        else:
+            self.train_set = ChunkDataset(self.train_ids, self.train_bytes, self.chunk_len)
+            self.val_set = ChunkDataset(self.val_ids, self.val_bytes, self.chunk_len)
         for name, ds in (("train", self.train_set), ("validation", self.val_set)):
             if len(ds) == 0:
                 raise ValueError(
-                    f"data: the {name} split has fewer than chunk_len={self.chunk_len} tokens "
-                    f"({len(ds.ids)}); use more text or a shorter chunk"
+                    f"data: the {name} split holds no sample: {len(ds.ids)} tokens, chunk_len={self.chunk_len}, "
+                    f"mode={self.mode}; use more text or a shorter chunk"
                 )
         log.info(
             "data: %d documents, %d train chunks, %d validation chunks of %d tokens (%s)",
