@@ -127,3 +127,45 @@ def test_eval_rejects_bad_checkpoints(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(ValueError, match="foreign.ckpt is not an stm checkpoint"):
         load_checkpoint_config(foreign)
+
+
+class RecordBatches(__import__("lightning").pytorch.Callback):
+    """Keeps the first row of every training batch the model sees."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.rows.append(batch["input_ids"][0, :16].clone())
+
+
+@pytest.mark.parametrize("mode", ["chunks", "lanes"])
+def test_resume_mid_epoch_reads_the_batches_an_uninterrupted_run_would(train_config, tmp_path, mode):
+    """A run resumed from its step-3 checkpoint trains on exactly the batches 4-6 of an uninterrupted run."""
+    from hydra.utils import instantiate
+
+    from stm.run import build_components
+
+    def run(max_steps, ckpt_path=None, out=None):
+        cfg = train_config(["debug=limit", f"data.mode={mode}", "data.batch_size=4", "memory=xl",
+                            f"trainer.max_steps={max_steps}", "trainer.val_check_interval=3",
+                            "+callbacks.model_checkpoint.every_n_train_steps=3",
+                            "callbacks.model_checkpoint.save_top_k=-1", "callbacks.progress_bar=null",
+                            "callbacks.lr_monitor=null", "logger=none"])
+        if out is not None:
+            cfg.paths.output_dir = str(out)
+            cfg.callbacks.model_checkpoint.dirpath = str(out / "checkpoints")
+        parts = build_components(cfg)
+        recorder = RecordBatches()
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [recorder]
+        trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks)
+        trainer.fit(parts["task"], datamodule=parts["datamodule"], ckpt_path=ckpt_path)
+        return recorder.rows, Path(cfg.callbacks.model_checkpoint.dirpath)
+
+    full, _ = run(6, out=tmp_path / "full")
+    _, ckpt_dir = run(3, out=tmp_path / "first")
+    step3 = next(p for p in ckpt_dir.glob("*.ckpt") if "step=3" in p.name or "000003" in p.name)
+    resumed, _ = run(6, ckpt_path=str(step3), out=tmp_path / "resumed")
+    where = [[i for i, f in enumerate(full) if torch.equal(r, f)] for r in resumed]
+    assert len(full) == 6 and len(resumed) == 3, (len(full), len(resumed))
+    assert where == [[3], [4], [5]], where

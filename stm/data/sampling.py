@@ -53,7 +53,9 @@ class ShardedSampler(Sampler[int]):
         self.epoch, self.position = self.epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = epoch, 0
+        """Lightning calls this at every epoch start, a resumed epoch included: keep the position then."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": self.n}

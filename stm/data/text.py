@@ -273,8 +273,20 @@ class TextDataModule(L.LightningDataModule):
                           num_workers=self.num_workers)
 
     def state_dict(self) -> dict:
-        """The training sampler's position: a resumed run reads the rest of the epoch."""
-        return {"train_sampler": self.train_sampler.state_dict()} if self.train_sampler is not None else {}
+        """The training sampler's position: a resumed run reads the rest of the epoch.
+
+        The loader fetches a batch ahead of the training step, so under a Trainer the position is taken
+        from the batches the trainer has processed in this epoch, not from how far the sampler has run."""
+        if self.train_sampler is None:
+            return {}
+        state = self.train_sampler.state_dict()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["position"] = processed * (1 if self.mode == "lanes" else self.batch_size)
+            if "epoch" in state:
+                state["epoch"] = trainer.current_epoch
+        return {"train_sampler": state}
 
     def load_state_dict(self, state: dict) -> None:
         self._pending_sampler_state = state.get("train_sampler")
