@@ -24,6 +24,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated_half * sin
 
 
+def with_memory_tokens(x: torch.Tensor, extras) -> torch.Tensor:
+    """(B, T, D) token embeddings -> (B, P + T + S, D) with the extras' prefix and suffix around them."""
+    parts = [p.to(x.dtype) for p in (extras.prefix, x, extras.suffix) if p is not None]
+    return torch.cat(parts, dim=1) if len(parts) > 1 else x
+
+
+def segment_key_padding(extras, attention_mask: torch.Tensor | None, batch_size: int, n_tokens: int,
+                        device) -> torch.Tensor | None:
+    """(B, n_past + P + T + S) bool, False at padding keys (cached or in the segment); None if none is padded."""
+    if attention_mask is None and extras.past_mask is None:
+        return None
+
+    def ones(n):
+        return torch.ones(batch_size, n, dtype=torch.bool, device=device)
+
+    return torch.cat([
+        extras.past_mask.bool() if extras.past_mask is not None else ones(extras.n_past),
+        ones(extras.n_prefix),
+        attention_mask.bool() if attention_mask is not None else ones(n_tokens),
+        ones(extras.n_suffix),
+    ], dim=1)
+
+
 def build_attention_mask(
     n_past: int,
     n_query: int,

