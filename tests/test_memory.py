@@ -296,3 +296,18 @@ def test_generation_with_xl_covering_history_equals_full():
     torch.testing.assert_close(a, b)
     c = generate(model, SlidingWindow(window=100), ctx, segment_len=8, max_new_tokens=12)
     torch.testing.assert_close(c, b)
+
+
+@pytest.mark.parametrize("name", ["none", "rmt", "xl", "swa", "rmt+swa"])
+def test_state_survives_a_checkpoint(name, tmp_path):
+    """A carried state stored in a checkpoint (plain containers, weights_only loading) continues identically."""
+    from stm.memory.base import state_from_plain, state_to_plain
+
+    model, x = make_model(), fresh_stream(T=32)
+    memory = MECHANISMS[name](model)
+    first = run_segments(model, memory, x[:, :16], segment_len=8)
+    torch.save({"state": state_to_plain(first.state)}, tmp_path / "s.pt")
+    restored = state_from_plain(torch.load(tmp_path / "s.pt", weights_only=True)["state"])
+    a = run_segments(model, memory, x[:, 16:], segment_len=8, state=first.state, return_logits=True).logits
+    b = run_segments(model, memory, x[:, 16:], segment_len=8, state=restored, return_logits=True).logits
+    close(a, b)

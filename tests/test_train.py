@@ -141,31 +141,38 @@ class RecordBatches(__import__("lightning").pytorch.Callback):
 
 @pytest.mark.parametrize("mode", ["chunks", "lanes"])
 def test_resume_mid_epoch_reads_the_batches_an_uninterrupted_run_would(train_config, tmp_path, mode):
-    """A run resumed from its step-3 checkpoint trains on exactly the batches 4-6 of an uninterrupted run."""
+    """A run resumed from its step-3 checkpoint trains on exactly the batches 4-6 of an uninterrupted run,
+    and ends with the same weights (CPU, deterministic)."""
     from hydra.utils import instantiate
 
-    from stm.run import build_components
+    from stm.run import build_components, seed_everything
 
     def run(max_steps, ckpt_path=None, out=None):
         cfg = train_config(["debug=limit", f"data.mode={mode}", "data.batch_size=4", "memory=xl",
                             f"trainer.max_steps={max_steps}", "trainer.val_check_interval=3",
+                            "task.scheduler.total_steps=6",  # the first run stops at step 3 of the same schedule
                             "+callbacks.model_checkpoint.every_n_train_steps=3",
                             "callbacks.model_checkpoint.save_top_k=-1", "callbacks.progress_bar=null",
                             "callbacks.lr_monitor=null", "logger=none"])
         if out is not None:
             cfg.paths.output_dir = str(out)
             cfg.callbacks.model_checkpoint.dirpath = str(out / "checkpoints")
+        seed_everything(cfg.seed)
         parts = build_components(cfg)
         recorder = RecordBatches()
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [recorder]
         trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks)
         trainer.fit(parts["task"], datamodule=parts["datamodule"], ckpt_path=ckpt_path)
-        return recorder.rows, Path(cfg.callbacks.model_checkpoint.dirpath)
+        weights = {k: v.clone() for k, v in parts["task"].state_dict().items()}
+        return recorder.rows, Path(cfg.callbacks.model_checkpoint.dirpath), weights
 
-    full, _ = run(6, out=tmp_path / "full")
-    _, ckpt_dir = run(3, out=tmp_path / "first")
+    full, _, full_weights = run(6, out=tmp_path / "full")
+    _, ckpt_dir, _ = run(3, out=tmp_path / "first")
     step3 = next(p for p in ckpt_dir.glob("*.ckpt") if "step=3" in p.name or "000003" in p.name)
-    resumed, _ = run(6, ckpt_path=str(step3), out=tmp_path / "resumed")
+    resumed, _, resumed_weights = run(6, ckpt_path=str(step3), out=tmp_path / "resumed")
     where = [[i for i, f in enumerate(full) if torch.equal(r, f)] for r in resumed]
     assert len(full) == 6 and len(resumed) == 3, (len(full), len(resumed))
     assert where == [[3], [4], [5]], where
+    # the same data, optimizer, schedule and (for lanes) the carried memory: the same final weights
+    for name, value in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, atol=1e-6, rtol=1e-5)

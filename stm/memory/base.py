@@ -123,3 +123,45 @@ def detach_state(state: State) -> State:
     if isinstance(state, dict):
         return {k: detach_state(v) for k, v in state.items()}
     raise TypeError(f"cannot detach a memory state of type {type(state).__name__}")
+
+
+def state_to_plain(state: State):
+    """A memory state as plain containers and tensors (moved to CPU), safe to store in a checkpoint.
+
+    Dataclass states (such as `KVCache`) become {"__state__": class name, field: value, ...}."""
+    import dataclasses
+
+    if state is None or isinstance(state, (int, float, str, bool)):
+        return state
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if dataclasses.is_dataclass(state):
+        plain = {f.name: state_to_plain(getattr(state, f.name)) for f in dataclasses.fields(state)}
+        return {"__state__": type(state).__name__, **plain}
+    if isinstance(state, (list, tuple)):
+        return [state_to_plain(s) for s in state] if isinstance(state, list) else \
+            {"__tuple__": [state_to_plain(s) for s in state]}
+    if isinstance(state, dict):
+        return {k: state_to_plain(v) for k, v in state.items()}
+    raise TypeError(f"cannot store a memory state of type {type(state).__name__} in a checkpoint")
+
+
+def state_from_plain(plain, device=None) -> State:
+    """The inverse of `state_to_plain`, tensors moved to `device`."""
+    from stm.memory.kv_cache import KVCache
+
+    kinds = {"KVCache": KVCache}
+    if plain is None or isinstance(plain, (int, float, str, bool)):
+        return plain
+    if isinstance(plain, torch.Tensor):
+        return plain.to(device) if device is not None else plain
+    if isinstance(plain, list):
+        return [state_from_plain(p, device) for p in plain]
+    if isinstance(plain, dict):
+        if "__tuple__" in plain:
+            return tuple(state_from_plain(p, device) for p in plain["__tuple__"])
+        if "__state__" in plain:
+            fields = {k: state_from_plain(v, device) for k, v in plain.items() if k != "__state__"}
+            return kinds[plain["__state__"]](**fields)
+        return {k: state_from_plain(v, device) for k, v in plain.items()}
+    raise TypeError(f"cannot restore a memory state from {type(plain).__name__}")

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from stm.memory.base import Memory
+from stm.memory.base import Memory, state_from_plain, state_to_plain
 from stm.metrics import LN2, LanguageModelMetrics
 from stm.segments import SegmentRun, run_segments
 
@@ -126,4 +126,14 @@ class LanguageModelTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["stm"] = {"config": self.run_config, "val_metrics": dict(self.last_val)}
+        checkpoint["stm"] = {
+            "config": self.run_config,
+            "val_metrics": dict(self.last_val),
+            # stream lanes: the memory the next training batch continues from (a resumed run needs it)
+            "lane_state": state_to_plain(self.lane_states.get("train")),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        lane_state = checkpoint.get("stm", {}).get("lane_state")
+        if lane_state is not None:
+            self.lane_states["train"] = state_from_plain(lane_state, self.device)
