@@ -25,9 +25,10 @@ def test_every_group_of_the_design_exists():
 
 @pytest.mark.parametrize("group,option", [
     (g, o) for g in ("model", "memory", "task", "data", "trainer", "logger", "callbacks", "experiment", "debug")
-    # these need a value or a package (model=hf: a path; smollm2: the pretrained extra): tests/test_hf.py
+    # these need a value, a package or the shared data (model=hf: a path; smollm2: the pretrained extra,
+    # tests/test_hf.py; data=conditional: ../shared/data, tests/test_conditional.py)
     for o in options(g) if (g, o) not in {("data", "text_files"), ("trainer", "gpu"), ("model", "hf"),
-                                          ("model", "smollm2_135m")}
+                                          ("model", "smollm2_135m"), ("data", "conditional")}
 ])
 def test_each_option_composes_and_instantiates(train_config, group, option):
     cfg = train_config([f"{group}={option}"])

@@ -1,0 +1,130 @@
+"""Conditional data: records of a source (context -> target) laid out in segments, one example per record.
+
+Each record's context and target are tokenized (in batches), then laid out by `stm.data.chunking.layout_example`:
+context first, the target after it and kept whole, padded to whole segments with masks, the context
+truncated from the `truncation` side when it exceeds `max_segments` segments. A record whose target can
+never fit is an error naming the record, or, with `on_bad_record: skip`, skipped, counted and logged.
+Batches pad every example to the longest in the batch (whole segments), so a batch of short dialogues does
+not carry the length of a meeting transcript. Under DDP, each record stays whole on one rank.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from stm.data.chunking import Layout, layout_example
+from stm.data.sampling import ShardedSampler
+from stm.segments import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+class LaidOutExamples(Dataset):
+    """Item i: input_ids, labels, label_bytes, attention_mask (n_segments_i * segment_len,), and its index."""
+
+    def __init__(self, layouts: list[Layout], label_bytes: list[np.ndarray], origins: list[str]):
+        self.layouts, self.label_bytes, self.origins = layouts, label_bytes, origins
+
+    def __len__(self) -> int:
+        return len(self.layouts)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        lay = self.layouts[i]
+        return {"input_ids": torch.from_numpy(lay.input_ids), "labels": torch.from_numpy(lay.labels),
+                "attention_mask": torch.from_numpy(lay.attention_mask),
+                "label_bytes": torch.from_numpy(self.label_bytes[i]), "index": torch.tensor(i)}
+
+
+def pad_collate(pad_token_id: int):
+    """Stack examples, right-padding each to the longest (they are whole segments already)."""
+    fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0, "label_bytes": 0}
+
+    def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(it["input_ids"]) for it in items)
+        batch = {}
+        for key, value in fill.items():
+            out = torch.full((len(items), longest), value, dtype=torch.long)
+            for row, it in enumerate(items):
+                out[row, :len(it[key])] = it[key]
+            batch[key] = out
+        batch["index"] = torch.stack([it["index"] for it in items])
+        return batch
+
+    return collate
+
+
+class ConditionalDataModule(L.LightningDataModule):
+    """train_source / val_source: record sources (conf/source/); each record becomes one example."""
+
+    def __init__(self, tokenizer, train_source, val_source, segment_len: int, max_segments: int,
+                 truncation: str = "left", context_loss: bool = False, separator: str = "\n",
+                 batch_size: int = 4, val_batch_size: int | None = None, num_workers: int = 0,
+                 seed: int | None = 0, on_bad_record: str = "error"):
+        super().__init__()
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        self.tokenizer, self.sources = tokenizer, {"train": train_source, "val": val_source}
+        self.segment_len, self.max_segments = segment_len, max_segments
+        self.truncation, self.context_loss, self.separator = truncation, context_loss, separator
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.seed, self.on_bad_record = num_workers, seed, on_bad_record
+        self.sets: dict[str, LaidOutExamples] = {}
+        self.skipped: dict[str, list[str]] = {}
+
+    def build(self, split: str) -> LaidOutExamples:
+        records = list(self.sources[split])
+        texts = [r.context + self.separator for r in records] + [r.target for r in records]
+        encoded = self.tokenizer.encode_batch_with_byte_counts(texts)
+        contexts, targets = encoded[:len(records)], encoded[len(records):]
+        layouts, label_bytes, origins, skipped = [], [], [], []
+        for record, (c_ids, c_bytes), (t_ids, t_bytes) in zip(records, contexts, targets):
+            try:
+                lay = layout_example(c_ids, t_ids, segment_len=self.segment_len, max_segments=self.max_segments,
+                                     pad_token_id=self.tokenizer.pad_token_id, truncation=self.truncation,
+                                     context_loss=self.context_loss, origin=f"{record.origin} (field target)")
+            except ValueError as err:
+                if self.on_bad_record == "error":
+                    raise
+                skipped.append(str(err))
+                continue
+            all_bytes = np.concatenate([c_bytes, t_bytes])
+            kept = all_bytes[lay.truncated:] if self.truncation == "left" else np.concatenate(
+                [c_bytes[:lay.n_context], t_bytes])
+            per_label = np.zeros(len(lay.labels), dtype=np.int64)
+            n = int(lay.attention_mask.sum())
+            per_label[:n] = kept[1:n + 1]
+            per_label[lay.labels == IGNORE_INDEX] = 0
+            layouts.append(lay)
+            label_bytes.append(per_label)
+            origins.append(record.origin)
+        if skipped:
+            log.warning("data %s: skipped %d record(s) (on_bad_record=skip); first: %s", split, len(skipped),
+                        "; ".join(skipped[:3]))
+        self.skipped[split] = skipped
+        if not layouts:
+            raise ValueError(f"data: the {split} source gave no usable record")
+        return LaidOutExamples(layouts, label_bytes, origins)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val"):
+            if split not in self.sets:
+                self.sets[split] = self.build(split)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ShardedSampler(len(self.sets[split]), rank=rank, world_size=world, seed=self.seed,
+                                 shuffle=shuffle)
+        return DataLoader(self.sets[split], batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=pad_collate(self.tokenizer.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size, shuffle=False)
