@@ -143,3 +143,17 @@ def test_long_texts_are_cut_for_parallel_tokenization_without_changing_tokens(lo
     whole = tok.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ids.tolist() == whole
     assert counts.sum() == len(text.encode("utf-8"))
+
+
+def test_byte_level_lengths_agree_with_offsets(local_bpe):
+    """The vocabulary-length shortcut for byte counts agrees with the character offsets: the same total, and
+    running totals apart only inside a character that byte-level BPE split across tokens (< 4 bytes)."""
+    text = sample_files("austen")[0].read_text()[:50_000] + " café naïve — “quoted”"
+    tok = HFTokenizer(str(local_bpe))
+    ids, counts = tok.encode_with_byte_counts(text)
+    enc = tok.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ref_ids, ref_counts = HFTokenizer._with_byte_counts(text, enc["input_ids"], enc["offset_mapping"])
+    assert ids.tolist() == ref_ids.tolist()
+    assert counts.sum() == ref_counts.sum() == len(text.encode("utf-8"))
+    assert np.abs(np.cumsum(counts) - np.cumsum(ref_counts)).max() < 4
+    assert (counts == ref_counts).mean() > 0.99

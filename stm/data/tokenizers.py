@@ -109,6 +109,14 @@ class HFTokenizer:
         if backend is not None and backend.truncation is None and backend.padding is None:
             # the Rust tokenizer directly: the same tokens, without transformers' per-token Python lists
             encodings = backend.encode_batch(pieces, add_special_tokens=False)
+            if self._cuts_are_exact():  # byte-level tokens: one character of a token's text is one byte
+                lengths = self._byte_level_lengths()
+                per_text = [[] for _ in texts]
+                for i, e in zip(owner, encodings):
+                    ids = np.asarray(e.ids, dtype=np.int64)
+                    per_text[i].append((ids, lengths[ids]))
+                return [(np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts]))
+                        for parts in per_text]
             ids_and_offsets = [(e.ids, e.offsets) for e in encodings]
         else:
             enc = self.tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
@@ -117,6 +125,16 @@ class HFTokenizer:
         for i, piece, (ids, offsets) in zip(owner, pieces, ids_and_offsets):
             per_text[i].append(self._with_byte_counts(piece, ids, offsets))
         return [(np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])) for parts in per_text]
+
+    def _byte_level_lengths(self) -> np.ndarray:
+        """(vocab,) UTF-8 bytes each token stands for, for byte-level vocabularies (special tokens: 0)."""
+        if getattr(self, "_lengths", None) is None:
+            vocab = self.tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+            lengths = np.zeros(max(self.vocab_size, max(vocab.values()) + 1), dtype=np.int64)
+            for token, index in vocab.items():
+                lengths[index] = len(token)
+            self._lengths = lengths
+        return self._lengths
 
     def _cuts_are_exact(self) -> bool:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
