@@ -47,6 +47,16 @@ def segment_key_padding(extras, attention_mask: torch.Tensor | None, batch_size:
     ], dim=1)
 
 
+def visible(q, k, *, n_past: int, window: int | None, n_sink: int, n_prefix: int):
+    """The visibility rule, on broadcastable position tensors (dense masks) or index scalars (flex):
+    causal; under a window only the last `window` keys, except sinks and the segment's memory tokens."""
+    allowed = k <= q
+    if window is not None:
+        always = (k < n_sink) | ((k >= n_past) & (k < n_past + n_prefix))
+        allowed = allowed & ((q - k < window) | always)
+    return allowed
+
+
 def build_attention_mask(
     n_past: int,
     n_query: int,
@@ -72,10 +82,7 @@ def build_attention_mask(
         return None
     q_pos = torch.arange(n_past, n_keys, device=device)[:, None]
     k_pos = torch.arange(n_keys, device=device)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        always = (k_pos < n_sink) | ((k_pos >= n_past) & (k_pos < n_past + n_prefix))
-        allowed = allowed & ((q_pos - k_pos < window) | always)
+    allowed = visible(q_pos, k_pos, n_past=n_past, window=window, n_sink=n_sink, n_prefix=n_prefix)
     mask = allowed[None].expand(batch_size, n_query, n_keys)
     if key_padding is not None:
         mask = mask & key_padding[:, None, :].bool()
@@ -112,10 +119,7 @@ def _block_mask(n_past, n_query, batch_size, device, key_padding, window, n_sink
 
     def mask_mod(b, h, q_idx, kv_idx):
         q = q_idx + n_past
-        allowed = kv_idx <= q
-        if window is not None:
-            always = (kv_idx < n_sink) | ((kv_idx >= n_past) & (kv_idx < n_past + n_prefix))
-            allowed = allowed & ((q - kv_idx < window) | always)
+        allowed = visible(q, kv_idx, n_past=n_past, window=window, n_sink=n_sink, n_prefix=n_prefix)
         if key_padding is not None:
             allowed = (allowed & key_padding[b, kv_idx]) | (kv_idx == q)
         return allowed
@@ -188,7 +192,7 @@ def banded_attention(q, k, v, layout: BandedLayout, dropout_p: float = 0.0) -> t
             k.index_select(2, idx), v.index_select(2, idx))
         q_pos = torch.arange(n_past + a, n_past + b, device=device)[:, None]
         k_pos = idx[None, :]
-        mask = ((k_pos <= q_pos) & ((q_pos - k_pos < W) | always[idx][None, :]))[None]
+        mask = visible(q_pos, k_pos, n_past=n_past, window=W, n_sink=layout.n_sink, n_prefix=layout.n_prefix)[None]
         if layout.key_padding is not None:
             mask = (mask & layout.key_padding[:, idx][:, None, :].bool()) | (k_pos == q_pos)[None]
         outputs.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask[:, None],
