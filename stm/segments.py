@@ -12,7 +12,7 @@ each segment sees of the ones before it (`stm.memory.base`). The same loop serve
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -126,64 +126,4 @@ def _read_segment(model, input_ids, attention_mask, extras, labels):
     return outputs, nll.view(labels.shape)
 
 
-def _sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    """(B, V) logits -> (B,) next tokens: greedy when temperature == 0, else sampled."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    memory: Memory,
-    context_ids: torch.Tensor,
-    *,
-    segment_len: int | None,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    eos_token_id: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Continue `context_ids` (B, T), all rows of equal length, by up to `max_new_tokens` tokens.
-
-    The whole segments of the context go into the memory state first; decoding then happens inside the
-    final, partial segment, which is pushed into the memory whenever it reaches `segment_len` tokens.
-    Returns the new tokens (B, N); rows that produced `eos_token_id` are padded with it afterwards.
-    """
-    B, T = context_ids.shape
-    if T == 0:
-        raise ValueError("generate needs a non-empty context")
-    seg = segment_len if (memory.segmented and segment_len is not None) else None
-    n_read = ((T - 1) // seg) * seg if seg else 0  # keep at least one token for the final segment
-    state = memory.init_state(B, context_ids.device)
-    if n_read:
-        state = run_segments(model, memory, context_ids[:, :n_read], segment_len=seg, state=state).state
-    tail = context_ids[:, n_read:]
-
-    new_tokens = []
-    finished = torch.zeros(B, dtype=torch.bool, device=context_ids.device)
-    for _ in range(max_new_tokens):
-        # no write tokens while decoding: they come after the tail and cannot change its logits
-        extras = replace(memory.prepare(state), suffix=None)
-        logits = model(tail, extras=extras).logits[:, -1]
-        next_token = _sample_next(logits, temperature, top_k, generator)
-        if eos_token_id is not None:
-            next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
-            finished |= next_token == eos_token_id
-        new_tokens.append(next_token)
-        tail = torch.cat([tail, next_token[:, None]], dim=1)
-        if seg is not None and tail.shape[1] > seg:
-            state = memory.update(state, model(tail[:, :seg], extras=memory.prepare(state)))
-            tail = tail[:, seg:]
-        if eos_token_id is not None and bool(finished.all()):
-            break
-    if not new_tokens:
-        return context_ids.new_empty(B, 0)
-    return torch.stack(new_tokens, dim=1)
+from stm.generation import generate, sample_next  # noqa: E402,F401  (generation reads through run_segments)

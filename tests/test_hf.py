@@ -257,6 +257,28 @@ def test_every_mechanism_matches_stms_own_transformer(twins, stream, mechanism):
     close(got[mask], expected[mask])
 
 
+@pytest.mark.parametrize("mechanism", list(MECHANISMS))
+def test_cached_decoding_on_hf_equals_rereading_and_stms_transformer(twins, stream, mechanism):
+    """The key/value cache inside the final segment through `past_key_values`: step by step the same logits
+    as re-reading the segment, and as stm's own transformer decoding the same tokens."""
+    from stm.generation import SegmentDecoder
+
+    ref, hf = twins
+    torch.manual_seed(0)
+    memory = MECHANISMS[mechanism]()
+    memory.bind(ref)
+    ctx = stream[:, :2 * SEG + 3]
+    cached = SegmentDecoder(hf, memory, ctx, segment_len=SEG, use_cache=True)
+    plain = SegmentDecoder(hf, memory, ctx, segment_len=SEG, use_cache=False)
+    own = SegmentDecoder(ref, memory, ctx, segment_len=SEG, use_cache=True)
+    for _ in range(SEG + 2):  # across a segment border
+        token = plain.logits.argmax(-1)
+        close(cached.logits, plain.logits)
+        close(cached.logits, own.logits)
+        for decoder in (cached, plain, own):
+            decoder.append(token)
+
+
 # --- (f) errors name what is wrong
 
 

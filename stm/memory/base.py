@@ -40,6 +40,10 @@ class SegmentExtras:
     past_mask:       (B, T_past) bool, True where a cached position holds a real token.
     window:          if set, a query sees only keys at most `window - 1` positions before it (sliding window).
     n_sink:          the first `n_sink` cached keys (attention sinks) stay visible to every query, window or not.
+    n_cached_prefix: decoding token by token inside a segment: that segment's memory tokens and earlier tokens
+                     are already in `past_key_values` (the last ones); its `n_cached_prefix` memory tokens
+                     start at key position `prefix_start`. They stay visible under a window like `prefix`.
+    prefix_start:    see `n_cached_prefix`; None when the segment is read whole (no part of it is cached).
     """
 
     prefix: torch.Tensor | None = None
@@ -48,6 +52,18 @@ class SegmentExtras:
     past_mask: torch.Tensor | None = None
     window: int | None = None
     n_sink: int = 0
+    n_cached_prefix: int = 0
+    prefix_start: int | None = None
+
+    @property
+    def memory_start(self) -> int:
+        """Key position of the segment's first memory token (cached or in `prefix`)."""
+        return self.n_past if self.prefix_start is None else self.prefix_start
+
+    @property
+    def n_memory_tokens(self) -> int:
+        """The segment's memory tokens that stay visible under a window: cached ones and the prefix."""
+        return self.n_cached_prefix + self.n_prefix
 
     @property
     def n_prefix(self) -> int:
@@ -123,6 +139,28 @@ def detach_state(state: State) -> State:
     if isinstance(state, dict):
         return {k: detach_state(v) for k, v in state.items()}
     raise TypeError(f"cannot detach a memory state of type {type(state).__name__}")
+
+
+def map_state(state: State, fn) -> State:
+    """Apply `fn` to every tensor of a (nested) state: tensors, lists, tuples, dicts and dataclasses (KVCache);
+    other values (ints, None) pass through."""
+    import dataclasses
+
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return type(state)(**{f.name: map_state(getattr(state, f.name), fn) for f in dataclasses.fields(state)})
+    if isinstance(state, (list, tuple)):
+        return type(state)(map_state(s, fn) for s in state)
+    if isinstance(state, dict):
+        return {k: map_state(v, fn) for k, v in state.items()}
+    return state
+
+
+def select_rows(state: State, rows: torch.Tensor) -> State:
+    """The state of batch rows `rows` (B',): every state tensor is batch-first, so index dimension 0
+    (repeats and reorders rows for beam search)."""
+    return map_state(state, lambda t: t.index_select(0, rows))
 
 
 def state_to_plain(state: State):

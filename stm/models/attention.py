@@ -47,12 +47,14 @@ def segment_key_padding(extras, attention_mask: torch.Tensor | None, batch_size:
     ], dim=1)
 
 
-def visible(q, k, *, n_past: int, window: int | None, n_sink: int, n_prefix: int):
+def visible(q, k, *, prefix_start: int, window: int | None, n_sink: int, n_prefix: int):
     """The visibility rule, on broadcastable position tensors (dense masks) or index scalars (flex):
-    causal; under a window only the last `window` keys, except sinks and the segment's memory tokens."""
+    causal; under a window only the last `window` keys, except sinks and the segment's memory tokens, which
+    sit at key positions prefix_start .. prefix_start + n_prefix - 1 (right after the memory's cache, or
+    inside the cache while a segment is decoded token by token)."""
     allowed = k <= q
     if window is not None:
-        always = (k < n_sink) | ((k >= n_past) & (k < n_past + n_prefix))
+        always = (k < n_sink) | ((k >= prefix_start) & (k < prefix_start + n_prefix))
         allowed = allowed & ((q - k < window) | always)
     return allowed
 
@@ -67,12 +69,14 @@ def build_attention_mask(
     window: int | None = None,
     n_sink: int = 0,
     n_prefix: int = 0,
+    prefix_start: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (B, 1, n_query, n_past + n_query), True where a query may attend to a key.
 
     Queries sit at positions n_past .. n_past + n_query - 1 of the key sequence. Causal, optionally limited
     to the last `window` keys, except that the first `n_sink` keys (attention sinks) and the `n_prefix` memory
-    tokens that open the segment stay visible to every later query; padding keys (key_padding False) are
+    tokens that open the segment (at key positions from `prefix_start`, default n_past) stay visible to every
+    later query; padding keys (key_padding False) are
     masked out. Every query always sees itself, so no row is empty (a padded query then gives finite
     garbage that the loss ignores).
     Returns None when plain causal attention without past suffices (the fast `is_causal` path).
@@ -82,7 +86,8 @@ def build_attention_mask(
         return None
     q_pos = torch.arange(n_past, n_keys, device=device)[:, None]
     k_pos = torch.arange(n_keys, device=device)[None, :]
-    allowed = visible(q_pos, k_pos, n_past=n_past, window=window, n_sink=n_sink, n_prefix=n_prefix)
+    start = n_past if prefix_start is None else prefix_start
+    allowed = visible(q_pos, k_pos, prefix_start=start, window=window, n_sink=n_sink, n_prefix=n_prefix)
     mask = allowed[None].expand(batch_size, n_query, n_keys)
     if key_padding is not None:
         mask = mask & key_padding[:, None, :].bool()
@@ -100,26 +105,28 @@ def flex_block_mask(
     window: int | None = None,
     n_sink: int = 0,
     n_prefix: int = 0,
+    prefix_start: int | None = None,
 ):
     """The mask of `build_attention_mask` as a flex_attention BlockMask (sparse: blocks outside the band
     are skipped, which is what makes sliding windows fast on a GPU). Without padding the mask depends only on
     the sizes, and the same few recur segment after segment: those are built once and reused."""
+    start = n_past if prefix_start is None else prefix_start
     if key_padding is None:
-        return _cached_block_mask(n_past, n_query, str(device), window, n_sink, n_prefix)
-    return _block_mask(n_past, n_query, batch_size, device, key_padding, window, n_sink, n_prefix)
+        return _cached_block_mask(n_past, n_query, str(device), window, n_sink, n_prefix, start)
+    return _block_mask(n_past, n_query, batch_size, device, key_padding, window, n_sink, n_prefix, start)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_block_mask(n_past, n_query, device, window, n_sink, n_prefix):
-    return _block_mask(n_past, n_query, None, torch.device(device), None, window, n_sink, n_prefix)
+def _cached_block_mask(n_past, n_query, device, window, n_sink, n_prefix, prefix_start):
+    return _block_mask(n_past, n_query, None, torch.device(device), None, window, n_sink, n_prefix, prefix_start)
 
 
-def _block_mask(n_past, n_query, batch_size, device, key_padding, window, n_sink, n_prefix):
+def _block_mask(n_past, n_query, batch_size, device, key_padding, window, n_sink, n_prefix, prefix_start):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
         q = q_idx + n_past
-        allowed = visible(q, kv_idx, n_past=n_past, window=window, n_sink=n_sink, n_prefix=n_prefix)
+        allowed = visible(q, kv_idx, prefix_start=prefix_start, window=window, n_sink=n_sink, n_prefix=n_prefix)
         if key_padding is not None:
             allowed = (allowed & key_padding[b, kv_idx]) | (kv_idx == q)
         return allowed
@@ -173,6 +180,11 @@ class BandedLayout:
     n_sink: int = 0
     n_prefix: int = 0
     key_padding: torch.Tensor | None = None  # (B, n_past + L) bool
+    prefix_start: int | None = None  # key position of the first memory token; None: n_past
+
+    @property
+    def memory_start(self) -> int:
+        return self.n_past if self.prefix_start is None else self.prefix_start
 
 
 def banded_attention(q, k, v, layout: BandedLayout, dropout_p: float = 0.0) -> torch.Tensor:
@@ -181,7 +193,7 @@ def banded_attention(q, k, v, layout: BandedLayout, dropout_p: float = 0.0) -> t
     device = q.device
     always = torch.zeros(n_keys, dtype=torch.bool, device=device)
     always[:layout.n_sink] = True
-    always[n_past:n_past + layout.n_prefix] = True
+    always[layout.memory_start:layout.memory_start + layout.n_prefix] = True
     outputs = []
     for a in range(0, L, W):
         b = min(a + W, L)
@@ -192,7 +204,8 @@ def banded_attention(q, k, v, layout: BandedLayout, dropout_p: float = 0.0) -> t
             k.index_select(2, idx), v.index_select(2, idx))
         q_pos = torch.arange(n_past + a, n_past + b, device=device)[:, None]
         k_pos = idx[None, :]
-        mask = visible(q_pos, k_pos, n_past=n_past, window=W, n_sink=layout.n_sink, n_prefix=layout.n_prefix)[None]
+        mask = visible(q_pos, k_pos, prefix_start=layout.memory_start, window=W, n_sink=layout.n_sink,
+                       n_prefix=layout.n_prefix)[None]
         if layout.key_padding is not None:
             mask = (mask & layout.key_padding[:, idx][:, None, :].bool()) | (k_pos == q_pos)[None]
         outputs.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask[:, None],

@@ -186,7 +186,8 @@ class HFCausalLM(nn.Module):
 
         key_padding = segment_key_padding(extras, attention_mask, B, T, x.device)
         mask = build_attention_mask(n_past, L, batch_size=B, device=x.device, key_padding=key_padding,
-                                    window=extras.window, n_sink=extras.n_sink, n_prefix=P)
+                                    window=extras.window, n_sink=extras.n_sink, n_prefix=extras.n_memory_tokens,
+                                    prefix_start=extras.memory_start)
 
         cos = sin = None
         if self.rotary is not None:

@@ -209,11 +209,12 @@ class Transformer(nn.Module):
         if plain_causal:
             mask = None  # SDPA's is_causal path (flash attention): nothing for a mask to add
         elif attention == "sdpa" and extras.window is not None and L > 2 * extras.window:
-            mask = BandedLayout(n_past, extras.window, extras.n_sink, P, key_padding)
+            mask = BandedLayout(n_past, extras.window, extras.n_sink, extras.n_memory_tokens, key_padding,
+                                extras.memory_start)
         else:
             mask = (flex_block_mask if attention == "flex" else build_attention_mask)(
                 n_past, L, batch_size=B, device=x.device, key_padding=key_padding, window=extras.window,
-                n_sink=extras.n_sink, n_prefix=P,
+                n_sink=extras.n_sink, n_prefix=extras.n_memory_tokens, prefix_start=extras.memory_start,
             )
         cos, sin = rotary_cos_sin(n_past + L, self.config.head_dim, self.config.rope_base, x.device, x.dtype)
 
