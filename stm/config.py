@@ -36,6 +36,7 @@ def _register_resolvers() -> None:
     resolvers = {
         "mul": lambda *xs: _product(xs),
         "stm_wandb_offline": wandb_offline,
+        "stm_samples": lambda: str(Path(__file__).resolve().parent / "data" / "samples"),  # shipped data
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -75,3 +76,24 @@ def validate_train_config(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise ConfigError(f"seed must be a non-negative integer or null, got {seed!r}")
+    resume = cfg.get("resume")
+    if resume not in (None, False, "auto"):
+        raise ConfigError(f"resume must be null or 'auto', got {resume!r}")
+    validate_trainer_config(cfg)
+
+
+def validate_trainer_config(cfg: DictConfig) -> None:
+    """stm's own keys in the `trainer` section (taken out before the Lightning Trainer is built)."""
+    import signal
+
+    trainer = cfg.get("trainer") or {}
+    compile_opts = trainer.get("compile", False)
+    if not isinstance(compile_opts, (bool, DictConfig, dict)) and compile_opts is not None:
+        raise ConfigError(f"trainer.compile must be true, false or a mapping of torch.compile options "
+                          f"(e.g. {{mode: max-autotune}}), got {compile_opts!r}")
+    names = trainer.get("checkpoint_signals") or []
+    if isinstance(names, str):
+        raise ConfigError(f"trainer.checkpoint_signals must be a list of signal names, got {names!r}")
+    for name in names:
+        if not isinstance(name, str) or not isinstance(getattr(signal, name, None), signal.Signals):
+            raise ConfigError(f"trainer.checkpoint_signals: {name!r} is not a signal name such as SIGUSR1")

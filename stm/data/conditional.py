@@ -1,6 +1,8 @@
-"""Conditional data: records of a source (context -> target) laid out in segments, one example per record.
+"""Conditional data: records of a source (context -> target) laid out in segments.
 
-Each record's context and target are tokenized (in batches), then laid out by `stm.data.chunking.layout_example`:
+Records become examples (`stm.data.examples`: one per record, one per dialogue response, one per translated
+sentence); each example's context and target (+ eos, so a model learns to stop) are tokenized in batches,
+then laid out by `stm.data.chunking.layout_example`:
 context first, the target after it and kept whole, padded to whole segments with masks, the context
 truncated from the `truncation` side when it exceeds `max_segments` segments. A record whose target can
 never fit is an error naming the record, or, with `on_bad_record: skip`, skipped, counted and logged.
@@ -11,6 +13,7 @@ not carry the length of a meeting transcript. Under DDP, each record stays whole
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
@@ -18,31 +21,56 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stm.data.chunking import Layout, layout_example
+from stm.data.examples import Example, expand
 from stm.data.sampling import ShardedSampler
 from stm.segments import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 
-class LaidOutExamples(Dataset):
-    """Item i: input_ids, labels, label_bytes, attention_mask (n_segments_i * segment_len,), and its index."""
+@dataclass
+class ExampleInfo:
+    """What generation and scoring need of an example besides its layout.
 
-    def __init__(self, layouts: list[Layout], label_bytes: list[np.ndarray], origins: list[str]):
-        self.layouts, self.label_bytes, self.origins = layouts, label_bytes, origins
+    context_ids: (n,) the context tokens kept (after truncation): generation reads exactly these.
+    context:     the context text (whole, before truncation), for sample tables.
+    reference:   the target text.
+    """
+
+    context_ids: np.ndarray
+    context: str
+    reference: str
+    origin: str
+    meta: dict
+
+
+class LaidOutExamples(Dataset):
+    """Item i: input_ids, labels, label_bytes, attention_mask, target_mask (n_segments_i * segment_len,), and
+    its index (which `infos[index]` describes)."""
+
+    def __init__(self, layouts: list[Layout], label_bytes: list[np.ndarray], infos: list[ExampleInfo]):
+        self.layouts, self.label_bytes, self.infos = layouts, label_bytes, infos
+
+    @property
+    def origins(self) -> list[str]:
+        return [info.origin for info in self.infos]
 
     def __len__(self) -> int:
         return len(self.layouts)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         lay = self.layouts[i]
+        target_mask = np.zeros(len(lay.labels), dtype=np.int64)
+        target_mask[lay.n_context - 1:int(lay.attention_mask.sum())] = 1  # labels that are target tokens
         return {"input_ids": torch.from_numpy(lay.input_ids), "labels": torch.from_numpy(lay.labels),
-                "attention_mask": torch.from_numpy(lay.attention_mask),
+                "attention_mask": torch.from_numpy(lay.attention_mask), "target_mask": torch.from_numpy(target_mask),
                 "label_bytes": torch.from_numpy(self.label_bytes[i]), "index": torch.tensor(i)}
 
 
 def pad_collate(pad_token_id: int):
     """Stack examples, right-padding each to the longest (they are whole segments already)."""
-    fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0, "label_bytes": 0}
+    fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0, "target_mask": 0,
+            "label_bytes": 0}
 
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(it["input_ids"]) for it in items)
@@ -59,34 +87,61 @@ def pad_collate(pad_token_id: int):
 
 
 class ConditionalDataModule(L.LightningDataModule):
-    """train_source / val_source: record sources (conf/source/); each record becomes one example."""
+    """train_source / val_source: record sources (conf/source/), expanded into examples by `examples`.
+
+    examples:      record | turns | sentences (see `stm.data.examples`); respond_as, chat_template (turns),
+                   source_key, target_key, n_previous (sentences) configure them.
+    append_eos:    end every target with the tokenizer's eos token (what lets generation stop).
+    max_examples:  keep the first N examples of each split (train, val) after expansion; null keeps all.
+    """
 
     def __init__(self, tokenizer, train_source, val_source, segment_len: int, max_segments: int,
                  truncation: str = "left", context_loss: bool = False, separator: str = "\n",
                  batch_size: int = 4, val_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int | None = 0, on_bad_record: str = "error"):
+                 seed: int | None = 0, on_bad_record: str = "error", examples: str = "record",
+                 respond_as: str | None = None, chat_template: bool = False, source_key: str = "en",
+                 target_key: str = "es", n_previous: int | None = None, append_eos: bool = True,
+                 max_examples: dict | int | None = None):
         super().__init__()
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        if chat_template and not hasattr(tokenizer, "apply_chat_template"):
+            raise ValueError(f"data.chat_template=true needs a tokenizer with a chat template; {tokenizer!r} has none")
         self.tokenizer, self.sources = tokenizer, {"train": train_source, "val": val_source}
         self.segment_len, self.max_segments = segment_len, max_segments
         self.truncation, self.context_loss, self.separator = truncation, context_loss, separator
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.seed, self.on_bad_record = num_workers, seed, on_bad_record
+        self.expansion = {"how": examples, "separator": separator, "respond_as": respond_as,
+                          "chat_template": tokenizer.apply_chat_template if chat_template else None,
+                          "source_key": source_key, "target_key": target_key, "n_previous": n_previous}
+        self.append_eos = append_eos
+        if max_examples is None or isinstance(max_examples, int):
+            max_examples = {"train": max_examples, "val": max_examples}
+        self.max_examples = dict(max_examples)
         self.sets: dict[str, LaidOutExamples] = {}
         self.skipped: dict[str, list[str]] = {}
 
+    def examples(self, split: str) -> list[Example]:
+        """The split's examples (records expanded, then cut to `max_examples`)."""
+        examples = expand(self.sources[split], **self.expansion)
+        limit = self.max_examples.get(split)
+        return examples[:limit] if limit is not None else examples
+
     def build(self, split: str) -> LaidOutExamples:
-        records = list(self.sources[split])
-        texts = [r.context + self.separator for r in records] + [r.target for r in records]
+        examples = self.examples(split)
+        texts = [e.context for e in examples] + [e.target for e in examples]
         encoded = self.tokenizer.encode_batch_with_byte_counts(texts)
-        contexts, targets = encoded[:len(records)], encoded[len(records):]
-        layouts, label_bytes, origins, skipped = [], [], [], []
-        for record, (c_ids, c_bytes), (t_ids, t_bytes) in zip(records, contexts, targets):
+        contexts, targets = encoded[:len(examples)], encoded[len(examples):]
+        eos = self.tokenizer.eos_token_id
+        layouts, label_bytes, infos, skipped = [], [], [], []
+        for example, (c_ids, c_bytes), (t_ids, t_bytes) in zip(examples, contexts, targets):
+            if self.append_eos and eos is not None:
+                t_ids, t_bytes = np.append(t_ids, eos), np.append(t_bytes, 0)
             try:
                 lay = layout_example(c_ids, t_ids, segment_len=self.segment_len, max_segments=self.max_segments,
                                      pad_token_id=self.tokenizer.pad_token_id, truncation=self.truncation,
-                                     context_loss=self.context_loss, origin=f"{record.origin} (field target)")
+                                     context_loss=self.context_loss, origin=f"{example.origin} (field target)")
             except ValueError as err:
                 if self.on_bad_record == "error":
                     raise
@@ -101,14 +156,16 @@ class ConditionalDataModule(L.LightningDataModule):
             per_label[lay.labels == IGNORE_INDEX] = 0
             layouts.append(lay)
             label_bytes.append(per_label)
-            origins.append(record.origin)
+            kept_ids = c_ids[lay.truncated:] if self.truncation == "left" else c_ids[:lay.n_context]
+            infos.append(ExampleInfo(np.asarray(kept_ids, dtype=np.int64), example.context, example.target,
+                                     example.origin, dict(example.meta)))
         if skipped:
             log.warning("data %s: skipped %d record(s) (on_bad_record=skip); first: %s", split, len(skipped),
                         "; ".join(skipped[:3]))
         self.skipped[split] = skipped
         if not layouts:
             raise ValueError(f"data: the {split} source gave no usable record")
-        return LaidOutExamples(layouts, label_bytes, origins)
+        return LaidOutExamples(layouts, label_bytes, infos)
 
     def setup(self, stage: str | None = None) -> None:
         for split in ("train", "val"):

@@ -88,6 +88,12 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """[{"role", "content"}, ...] rendered by the tokenizer's chat template, as text."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"tokenizer '{self.name}' has no chat template; set data.chat_template=false")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
     def encode_with_byte_counts(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         return self.encode_batch_with_byte_counts([text])[0]
 

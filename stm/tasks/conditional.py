@@ -1,0 +1,165 @@
+"""The conditional-LM core of every task but `lm`: context read segment by segment, target in the final segment.
+
+Training: the loss is on the target tokens (and, with `context_loss_weight > 0` and `data.context_loss=true`,
+a weighted LM loss on the context). Validation: the target's loss / perplexity / bits per byte, and for the
+first `n_generate` validation examples a generation (the context read once into the memory state, the
+target decoded with the key/value cache of the final segment, `stm.generation`), scored by the task's text
+metrics (`stm.text_metrics`, summed across DDP ranks) and shown as a table of samples in the loggers.
+
+The tasks themselves (`summarization`, `translation`, `dialogue`, `qa`) are this module with their metrics
+and generation defaults; see `stm/tasks/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from stm.generation import generate
+from stm.memory.base import Memory
+from stm.segments import IGNORE_INDEX
+from stm.tasks.lm import LanguageModelTask
+
+log = logging.getLogger("stm")
+
+GENERATION_KEYS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p", "length_penalty", "use_cache",
+                   "stop_strings")
+
+
+def cut_at_stop(text: str, stop_strings: list[str]) -> str:
+    """The text up to the first of `stop_strings` (the stop string itself removed)."""
+    cut = len(text)
+    for stop in stop_strings or []:
+        at = text.find(stop)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+class ConditionalLMTask(LanguageModelTask):
+    """Context -> target under a memory mechanism; see the module docstring.
+
+    metrics:             names for `stm.text_metrics.build_text_metrics` (default: the task's own).
+    generation:          max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty, use_cache,
+                         stop_strings (the output is cut at the first one; decoding stops there).
+    n_generate:          how many validation examples are generated and scored per validation (the first
+                         ones, by index); null: all of them. Generation is one example at a time.
+    n_samples:           how many of them go into the sample table.
+    context_loss_weight: weight of the context's LM loss next to the target's (needs data.context_loss=true).
+    """
+
+    default_metrics: tuple[str, ...] = ()
+    default_generation: dict = {"max_new_tokens": 64}
+
+    def __init__(self, model: nn.Module, memory: Memory, optimizer: Callable, scheduler: Callable | None = None,
+                 segment_len: int | None = 128, n_segments: int = 1, bptt_depth: int | None = None,
+                 checkpoint_segments: bool = False, weight_decay: float = 0.1, metrics: list[str] | None = None,
+                 generation: dict | None = None, n_generate: int | None = 16, n_samples: int = 8,
+                 context_loss_weight: float = 0.0):
+        super().__init__(model, memory, optimizer, scheduler, segment_len, n_segments, bptt_depth,
+                         checkpoint_segments, weight_decay)
+        from stm.text_metrics import build_text_metrics
+
+        generation = {**self.default_generation, **dict(generation or {})}
+        unknown = sorted(set(generation) - set(GENERATION_KEYS))
+        if unknown:
+            raise ValueError(f"task.generation: unknown key(s) {unknown}; known: {list(GENERATION_KEYS)}")
+        if context_loss_weight < 0:
+            raise ValueError(f"task.context_loss_weight must be >= 0, got {context_loss_weight}")
+        if n_generate is not None and n_generate < 0:
+            raise ValueError(f"task.n_generate must be >= 0 or null, got {n_generate}")
+        self.metric_names = list(metrics if metrics is not None else self.default_metrics)
+        self.text_metrics = build_text_metrics(self.metric_names)
+        self.generation = generation
+        self.n_generate, self.n_samples = n_generate, n_samples
+        self.context_loss_weight = context_loss_weight
+        self.samples: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def training_step(self, batch, batch_idx):
+        run = self(batch)
+        target = batch["target_mask"].bool() & (batch["labels"] != IGNORE_INDEX)
+        n_target = target.sum()
+        loss = (run.token_nll * target).sum() / n_target.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True)
+        if self.context_loss_weight > 0:
+            context = (batch["labels"] != IGNORE_INDEX) & ~target
+            if not bool(context.any()):
+                raise ValueError("task.context_loss_weight > 0 but no context token has a label: set "
+                                 "data.context_loss=true")
+            context_loss = (run.token_nll * context).sum() / context.sum()
+            self.log("train/context_loss", context_loss)
+            loss = loss + self.context_loss_weight * context_loss
+        return loss
+
+    # ---------------------------------------------------------------------------------------------- validation
+
+    def validation_step(self, batch, batch_idx):
+        run = self(batch)
+        target = batch["target_mask"].bool() & (batch["labels"] != IGNORE_INDEX)
+        self.val_metrics.update((run.token_nll * target).sum(), target.sum(), (batch["label_bytes"] * target).sum())
+        for index in batch["index"].tolist():
+            if self.n_generate is None or index < self.n_generate:
+                self._generate_and_score(index)
+
+    def _val_examples(self):
+        datamodule = self.trainer.datamodule
+        if datamodule is None or "val" not in getattr(datamodule, "sets", {}):
+            raise RuntimeError("a conditional task validates on a stm ConditionalDataModule (data=conditional or "
+                               "a task's own data config)")
+        return datamodule, datamodule.sets["val"]
+
+    def generate_text(self, context_ids: torch.Tensor, tokenizer) -> str:
+        """Decode a target for (1, n) context ids under the configured generation; returns the text."""
+        g = self.generation
+        stop_strings = g.get("stop_strings") or []
+
+        def stop(new_tokens: torch.Tensor) -> torch.Tensor:
+            texts = [tokenizer.decode(row.tolist()) for row in new_tokens]
+            return torch.tensor([any(s in t for s in stop_strings) for t in texts])
+
+        tokens = generate(
+            self.model, self.memory, context_ids, segment_len=self.segment_len,
+            max_new_tokens=g["max_new_tokens"], temperature=g.get("temperature", 0.0), top_k=g.get("top_k"),
+            top_p=g.get("top_p"), num_beams=g.get("num_beams", 1), length_penalty=g.get("length_penalty", 1.0),
+            eos_token_id=tokenizer.eos_token_id, use_cache=g.get("use_cache", True),
+            stop=stop if stop_strings else None,
+        )[0].tolist()
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
+        return cut_at_stop(tokenizer.decode(tokens), stop_strings).strip()
+
+    def _generate_and_score(self, index: int) -> None:
+        datamodule, examples = self._val_examples()
+        info = examples.infos[index]
+        context_ids = torch.as_tensor(info.context_ids, device=self.device)[None]
+        output = self.generate_text(context_ids, datamodule.tokenizer)
+        self.text_metrics.update([output], [info.reference])
+        self.on_generation(index, info, output)
+        if len(self.samples) < self.n_samples:
+            self.samples.append({"index": index, "origin": info.origin, "source": info.context,
+                                 "reference": info.reference, "output": output})
+
+    def on_generation(self, index: int, info, output: str) -> None:
+        """Hook for tasks that score more than the text metrics (the probe task's accuracy by distance)."""
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self.samples = []
+
+    def on_validation_epoch_end(self):
+        super().on_validation_epoch_end()
+        if self.metric_names:
+            values = self.text_metrics.compute()
+            self.text_metrics.reset()
+            for name, value in values.items():
+                self.log(f"val/{name}", value)
+                self.last_val[f"val/{name}"] = float(value)
+        if self.samples and not self.trainer.sanity_checking:
+            from stm.callbacks import log_generation_samples
+
+            log_generation_samples(self.loggers, self.samples, step=self.global_step)

@@ -1,0 +1,12 @@
+"""`task=summarization`: context = a long document (a meeting transcript), target = its summary; ROUGE."""
+
+from __future__ import annotations
+
+from stm.tasks.conditional import ConditionalLMTask
+
+
+class SummarizationTask(ConditionalLMTask):
+    """Scores ROUGE-1/2/L/Lsum (F-measure, 0-100) of the generated summaries."""
+
+    default_metrics = ("rouge",)
+    default_generation = {"max_new_tokens": 128}

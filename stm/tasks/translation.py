@@ -1,0 +1,14 @@
+"""`task=translation`: document-level translation; context = earlier sentence pairs and the current source
+sentence, target = its translation; corpus SacreBLEU and chrF."""
+
+from __future__ import annotations
+
+from stm.tasks.conditional import ConditionalLMTask
+
+
+class TranslationTask(ConditionalLMTask):
+    """Scores corpus-level BLEU and chrF (0-100, as sacrebleu reports them). A target is one sentence, so
+    decoding stops at the end of the line."""
+
+    default_metrics = ("sacrebleu", "chrf")
+    default_generation = {"max_new_tokens": 96, "stop_strings": ["\n"]}
