@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stm.data.chunking import Layout, layout_example
 from stm.data.examples import Example, expand
+from stm.data.probes import probe_distances
 from stm.data.sampling import ShardedSampler
 from stm.segments import IGNORE_INDEX
 
@@ -157,8 +158,12 @@ class ConditionalDataModule(L.LightningDataModule):
             layouts.append(lay)
             label_bytes.append(per_label)
             kept_ids = c_ids[lay.truncated:] if self.truncation == "left" else c_ids[:lay.n_context]
+            meta = dict(example.meta)
+            if "fact_chars" in meta:  # a memory probe: how far back (tokens, segments) the fact is, as laid out
+                meta.update(probe_distances(meta, example.context, c_bytes, lay.n_context,
+                                            lay.truncated if self.truncation == "left" else 0, self.segment_len))
             infos.append(ExampleInfo(np.asarray(kept_ids, dtype=np.int64), example.context, example.target,
-                                     example.origin, dict(example.meta)))
+                                     example.origin, meta))
         if skipped:
             log.warning("data %s: skipped %d record(s) (on_bad_record=skip); first: %s", split, len(skipped),
                         "; ".join(skipped[:3]))
