@@ -81,12 +81,15 @@ class Source:
 
     def __init__(self, fields: Mapping | None = None, explode: str | list[str] | None = None,
                  required: list[str] | None = None, on_bad_record: str = "error", limit: int | None = None,
-                 split: str | None = None):
+                 split: str | None = None, start: int = 0):
         name = type(self).__name__
         if on_bad_record not in ON_BAD_RECORD:
             raise ValueError(f"{name}.on_bad_record must be one of {list(ON_BAD_RECORD)}, got {on_bad_record!r}")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
             raise ValueError(f"{name}.limit must be a positive integer or null, got {limit!r}")
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise ValueError(f"{name}.start must be a non-negative integer, got {start!r}")
+        self.start = start  # skip this many (good) records first: train on records [0, n), validate on [n, ...)
         self.mapping = FieldMap(fields, explode, required, key=name)
         self.on_bad_record = on_bad_record
         self.limit = limit
@@ -99,7 +102,7 @@ class Source:
 
     def __iter__(self) -> Iterator[Record]:
         self.skipped = Skipped()
-        n = 0
+        n = seen = 0
         try:
             for entry in self.raw():
                 if isinstance(entry, RecordError):
@@ -118,6 +121,9 @@ class Source:
                         record = self.mapping.record(scope, where, default_id if k is None else f"{default_id}/{k}")
                     except RecordError as err:
                         self._bad(err)
+                        continue
+                    seen += 1
+                    if seen <= self.start:
                         continue
                     yield record
                     n += 1

@@ -51,10 +51,14 @@ def _rng(seed: int, split: str, index: int) -> random.Random:
 class _Generated:
     """Base: a sized iterable of Records, like a `stm.data.sources.Source`."""
 
-    def __init__(self, n_records: int = 200, seed: int = 0, split: str = "train"):
+    def __init__(self, n_records: int = 200, seed: int = 0, split: str = "train", limit: int | None = None):
         if n_records <= 0:
             raise ValueError(f"{type(self).__name__}.n_records must be positive, got {n_records}")
-        self.n_records, self.seed, self.split = n_records, seed, split
+        if limit is not None and limit <= 0:
+            raise ValueError(f"{type(self).__name__}.limit must be positive or null, got {limit}")
+        # `limit` as every source has it (conf/data/*: val_source.limit works whatever the source)
+        self.n_records = n_records if limit is None else min(n_records, limit)
+        self.seed, self.split = seed, split
 
     def make(self, rng: random.Random, index: int) -> Record:
         raise NotImplementedError
@@ -74,8 +78,8 @@ class SyntheticMeetings(_Generated):
     """Meetings of `n_turns` utterances with `n_decisions` decisions; summary = the decisions, in order."""
 
     def __init__(self, n_records: int = 200, seed: int = 0, split: str = "train", n_turns: int = 24,
-                 n_decisions: int = 3):
-        super().__init__(n_records, seed, split)
+                 n_decisions: int = 3, limit: int | None = None):
+        super().__init__(n_records, seed, split, limit)
         if not 0 < n_decisions <= min(n_turns, len(TOPICS)):
             raise ValueError(f"SyntheticMeetings.n_decisions must be in 1..{min(n_turns, len(TOPICS))}, "
                              f"got {n_decisions}")
@@ -102,8 +106,9 @@ class SyntheticMeetings(_Generated):
 class SyntheticSessions(_Generated):
     """Two sessions: facts in the first, questions about them in the second. Turns of USER / SYSTEM."""
 
-    def __init__(self, n_records: int = 200, seed: int = 0, split: str = "train", small_talk: int = 3):
-        super().__init__(n_records, seed, split)
+    def __init__(self, n_records: int = 200, seed: int = 0, split: str = "train", small_talk: int = 3,
+                 limit: int | None = None):
+        super().__init__(n_records, seed, split, limit)
         self.small_talk = small_talk
 
     def make(self, rng: random.Random, index: int) -> Record:

@@ -11,4 +11,4 @@ class TranslationTask(ConditionalLMTask):
     decoding stops at the end of the line."""
 
     default_metrics = ("sacrebleu", "chrf")
-    default_generation = {"max_new_tokens": 96, "stop_strings": ["\n"]}
+    default_generation = {"max_new_tokens": 256, "stop_strings": ["\n"]}
