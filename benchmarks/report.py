@@ -31,6 +31,7 @@ SECTIONS = {  # README marker name -> (benchmark field, full-size file, small va
     "stream": ("stream_inference", "stream_inference.json", "stream_inference_quick.json"),
     "gpu": ("gpu_check", "gpu_check.json", "gpu_check_smoke.json"),
     "tokenize": ("tokenize_throughput", "tokenize_throughput.json", "tokenize_throughput_quick.json"),
+    "tasks": ("task_runs", "task_runs.json", "task_runs_quick.json"),
 }
 
 
@@ -213,8 +214,27 @@ def render_tokenize(data: dict, small: bool) -> str:
               f">= {goals.get('cached_vs_first', '?')}x faster than the first.")
 
 
+TASK_METRICS = {"summarization": ["rouge1", "rouge2", "rougeL"], "translation": ["bleu", "chrf"],
+                "dialogue": ["token_f1", "bleu"], "qa": ["exact_match", "answer_in_first_sentence"]}
+
+
+def render_tasks(data: dict, small: bool) -> str:
+    rows = []
+    for r in data["results"]:
+        if "error" in r:
+            rows.append([f"`{r['command']}`", "failed", "", "", ""])
+            continue
+        m = r["metrics"]
+        scores = ", ".join(f"{k} {m['val/' + k]:.3g}" for k in TASK_METRICS.get(r["task"], []) if "val/" + k in m)
+        rows.append([f"`{r['command']}`", f"{r['wall_s']:.0f}", fmt(m.get("val/loss")), fmt(m.get("val/ppl")), scores])
+    return (f"**One CPU-sized run per task** (the tiny byte-level transformer, the task's shipped or generated data, "
+            f"its default steps; loss and perplexity on the target tokens of the validation set; ROUGE, BLEU and "
+            f"chrF on 0-100, the rest 0-1).\n\n{provenance(data, small)}\n\n"
+            + table(["command", "wall s", "val loss", "val ppl", "generation metrics"], rows))
+
+
 RENDER = {"train_speed": render_train_speed, "stream": render_stream, "gpu": render_gpu,
-          "tokenize": render_tokenize}
+          "tokenize": render_tokenize, "tasks": render_tasks}
 
 
 def write_readme(readme: Path, sections: dict[str, str]) -> list[str]:
