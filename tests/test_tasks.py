@@ -124,12 +124,12 @@ def test_smollm2_dialogue_with_chat_template_generates_as_transformers_does(trai
     xl cache segment by segment, then decoded with the final segment's cache) = `model.generate` on the whole
     prompt, greedy."""
     cfg = train_config(["task=dialogue", "model=smollm2_135m", "data.chat_template=true", "memory=xl",
-                        "memory.xl.mem_len=4096", "task.segment_len=64", "+data.max_examples={train: 1, val: 3}",
+                        "memory.xl.mem_len=4096", "task.segment_len=64", "+data.max_examples={train: 1, val: 12}",
                         "task.generation.max_new_tokens=12"])
     parts = build_components(cfg)
     dm, task = parts["datamodule"], parts["task"].eval()
     dm.setup()
-    info = dm.sets["val"].infos[2]
+    info = max(dm.sets["val"].infos, key=lambda i: len(i.context_ids))  # the longest history
     assert "<|im_start|>assistant" in info.context and info.context.rstrip().endswith("<|im_start|>assistant")
     ids = torch.as_tensor(info.context_ids)[None]
     assert ids.shape[1] > 2 * 64  # read in several segments before decoding
