@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+# conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml give the plugins' launchers stm's defaults under
+# the plugins' own names (hydra/launcher=joblib); Hydra then checks them against the plugins' schemas, which is
+# what we want, but warns about it on every run.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 
 class ConfigError(ValueError):
@@ -32,8 +38,40 @@ def wandb_offline() -> bool:
     return not os.environ.get("WANDB_API_KEY")
 
 
+def _resume_dir(kind: str, parent: str, default: str, *, _root_: DictConfig) -> str:
+    """`${stm_resume_dir:run|sweep,<parent folder>,<new folder name>}`: see `stm.resume.resume_dir`."""
+    from stm.resume import resume_dir
+
+    return resume_dir(kind, parent, default, _root_=_root_)
+
+
+def _sqlite_url(path: str) -> str:
+    """`${stm_sqlite:<file>}`: an sqlite URL for the file, its folder created (Optuna opens it before any job)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        optuna_major, sqlalchemy_major = (int(version(p).split(".")[0]) for p in ("optuna", "sqlalchemy"))
+    except PackageNotFoundError:
+        optuna_major = sqlalchemy_major = 0
+    if optuna_major == 2 and sqlalchemy_major >= 2:  # Optuna 2.x cannot create an sqlite study with SQLAlchemy 2
+        raise ConfigError("hydra.sweeper.storage: Optuna 2.x (hydra-optuna-sweeper) needs SQLAlchemy < 2 for its "
+                          "sqlite storage: pip install 'sqlalchemy<2' 'alembic<1.14'")
+    file = Path(path).expanduser().resolve()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{file}"
+
+
+def _if_gpu(accelerator, value):
+    """`${stm_if_gpu:<accelerator>,<value>}`: the value on GPU accelerators, else null (e.g. GPUs per node)."""
+    return value if str(accelerator).lower() in ("gpu", "cuda") else None
+
+
 def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("stm_resume_dir"):
+        OmegaConf.register_new_resolver("stm_resume_dir", _resume_dir)
     resolvers = {
+        "stm_sqlite": _sqlite_url,
+        "stm_if_gpu": _if_gpu,
         "mul": lambda *xs: _product(xs),
         "stm_wandb_offline": wandb_offline,
         "stm_samples": lambda: str(Path(__file__).resolve().parent / "data" / "samples"),  # shipped data

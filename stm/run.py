@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +17,12 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from stm.config import ConfigError, validate_train_config
+from stm.config import ConfigError, validate_train_config, validate_trainer_config
 from stm.memory import build_memory
+from stm.resume import RunGuard, checkpoint_dir, checkpoint_step, checkpoint_to_resume, continue_csv_logs
+from stm.sweeps import NonFiniteMetricError, configure_wandb, ddp_job, is_rank_zero
 
 log = logging.getLogger("stm")
 
@@ -67,11 +70,35 @@ def _instantiate_dict(section: DictConfig | None) -> list:
     return [instantiate(c) for c in section.values() if c is not None and "_target_" in c]
 
 
-def build_trainer(cfg: DictConfig) -> tuple[L.Trainer, list]:
+STM_TRAINER_KEYS = ("compile", "checkpoint_signals")  # stm's switches in the trainer section, not Trainer arguments
+
+
+def build_trainer(cfg: DictConfig, callbacks: list | tuple = ()) -> tuple[L.Trainer, list]:
+    """The Lightning Trainer of `cfg.trainer` (without stm's own keys), its loggers and callbacks plus `callbacks`.
+    On SLURM, Lightning's own requeue-on-signal is off: `RunGuard` writes the checkpoint and requeues."""
     loggers = _instantiate_dict(cfg.get("logger"))
-    callbacks = _instantiate_dict(cfg.get("callbacks"))
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    all_callbacks = _instantiate_dict(cfg.get("callbacks")) + list(callbacks)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in STM_TRAINER_KEYS:
+        trainer_cfg.pop(key, None)
+    extra = {}
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect() and not trainer_cfg.get("plugins"):
+        extra["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    trainer = instantiate(trainer_cfg, logger=loggers or False, callbacks=all_callbacks, **extra)
     return trainer, loggers
+
+
+def compile_backbone(model: torch.nn.Module, options) -> None:
+    """`trainer.compile`: false, true, or a mapping of `torch.compile` options. Compiles the backbone in place
+    (`nn.Module.compile`), so parameter names and checkpoints stay the same; the segment loop stays eager."""
+    if not options:
+        return
+    kwargs = OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else \
+        (dict(options) if isinstance(options, dict) else {})
+    model.compile(**kwargs)
+    log.info("compiled the backbone with torch.compile(%s)", kwargs)
 
 
 def seed_everything(seed: int | None) -> None:
@@ -81,10 +108,11 @@ def seed_everything(seed: int | None) -> None:
 
 
 def _finish_wandb(loggers: list) -> None:
+    """Always end the wandb run (in a `finally`: a run that raised is marked failed, exit code 1)."""
     if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
         import wandb
 
-        wandb.finish()
+        wandb.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -92,29 +120,56 @@ def _output_dir(cfg: DictConfig) -> Path:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Fit the task; returns the monitored validation metric (for sweeps), or None."""
+    """Fit the task; returns the monitored validation metric (for sweeps), or None.
+
+    `resume=auto` continues from the run folder's last.ckpt (see `stm.resume`). A loss or optimized metric that
+    is not finite raises `NonFiniteMetricError`, which a sweeper records as a failed trial.
+    """
     validate_train_config(cfg)
-    seed_everything(cfg.get("seed"))
-    started = time.time()
-    out = _output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
-    parts = build_components(cfg)
-    task, datamodule, model = parts["task"], parts["datamodule"], parts["model"]
-    trainer, loggers = build_trainer(cfg)
-    try:
-        for lg in loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("model: %s with %.2fM parameters; memory: %s", type(model).__name__, n_params / 1e6,
-                 type(parts["memory"]).__name__)
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    finally:
-        _finish_wandb(loggers)
-    log.info("\n%s", training_report(cfg, trainer, parts, time.time() - started))
+    with ddp_job("train", cfg):  # a DDP trainer starts its other ranks on this (final) config
+        started = time.time()
+        out = _output_dir(cfg)
+        ckpt_path = checkpoint_to_resume(cfg)
+        with open_dict(cfg):
+            cfg.ckpt_path = ckpt_path  # the other ranks of a DDP job resume from the same checkpoint
+        configure_wandb(cfg, out)
+        seed_everything(cfg.get("seed"))
+        if is_rank_zero():
+            out.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+        parts = build_components(cfg)
+        task, datamodule, model = parts["task"], parts["datamodule"], parts["model"]
+        compile_backbone(model, cfg.trainer.get("compile"))
+        guard = RunGuard(checkpoint_dir(cfg), signals=list(cfg.trainer.get("checkpoint_signals") or []))
+        trainer, loggers = build_trainer(cfg, callbacks=[guard])
+        try:
+            if ckpt_path:
+                log.info("resuming from %s", ckpt_path)
+                continue_csv_logs(loggers, checkpoint_step(ckpt_path))
+            for lg in loggers:
+                lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            n_params = sum(p.numel() for p in model.parameters())
+            log.info("model: %s with %.2fM parameters; memory: %s", type(model).__name__, n_params / 1e6,
+                     type(parts["memory"]).__name__)
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        finally:
+            _finish_wandb(loggers)
+        if is_rank_zero():
+            log.info("\n%s", training_report(cfg, trainer, parts, time.time() - started))
+        guard.hand_over()
+        return _optimized_value(cfg, trainer)
+
+
+def _optimized_value(cfg: DictConfig, trainer: L.Trainer) -> float | None:
     monitor = cfg.get("optimized_metric")
     value = trainer.callback_metrics.get(monitor) if monitor else None
-    return float(value) if value is not None else None
+    if value is None:
+        return None
+    value = float(value)
+    if not math.isfinite(value):
+        raise NonFiniteMetricError(f"optimized_metric {monitor} is {value} after {trainer.global_step} steps: "
+                                   f"the run diverged")
+    return value
 
 
 def training_report(cfg: DictConfig, trainer: L.Trainer, parts: dict, seconds: float) -> str:
@@ -172,29 +227,36 @@ def load_checkpoint_config(ckpt_path: str | Path) -> tuple[DictConfig, dict]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Validate a checkpoint on the data of its run (or the overrides given), print and return the metrics."""
-    run_cfg, recorded = load_checkpoint_config(cfg.ckpt_path)
-    if cfg.get("data_overrides"):
-        run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data_overrides)
-    seed_everything(cfg.get("seed"))
-    parts = build_components(run_cfg)
-    trainer, loggers = build_trainer(cfg)
-    try:
-        results = trainer.validate(parts["task"], datamodule=parts["datamodule"], ckpt_path=cfg.ckpt_path)
-    finally:
-        _finish_wandb(loggers)
-    metrics = {k: float(v) for k, v in results[0].items()} if results else {}
-    out = _output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_metrics.json").write_text(json.dumps(
-        {"ckpt_path": str(cfg.ckpt_path), "metrics": metrics, "recorded_in_checkpoint": recorded}, indent=2))
-    lines = [f"stm eval: {cfg.ckpt_path}"]
-    for key, value in metrics.items():
-        note = f" (recorded in the checkpoint: {recorded[key]:.6f})" if key in recorded else ""
-        lines.append(f"  {key} = {value:.6f}{note}")
-    lines.append(f"  written to {out / 'eval_metrics.json'}")
-    log.info("\n%s", "\n".join(lines))
-    return metrics
+    """Validate a checkpoint on the data of its run (or the overrides given), print and return the metrics.
+    Under `trainer=ddp_cpu` / `ddp` the validation data is split across the ranks and the sums are added up."""
+    validate_trainer_config(cfg)
+    with ddp_job("evaluate", cfg):
+        run_cfg, recorded = load_checkpoint_config(cfg.ckpt_path)
+        if cfg.get("data_overrides"):
+            run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data_overrides)
+        seed_everything(cfg.get("seed"))
+        parts = build_components(run_cfg)
+        compile_backbone(parts["model"], cfg.trainer.get("compile"))
+        trainer, loggers = build_trainer(cfg)
+        try:
+            results = trainer.validate(parts["task"], datamodule=parts["datamodule"], ckpt_path=cfg.ckpt_path)
+        finally:
+            _finish_wandb(loggers)
+        metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+        if not is_rank_zero():
+            return metrics
+        out = _output_dir(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_metrics.json").write_text(json.dumps(
+            {"ckpt_path": str(cfg.ckpt_path), "metrics": metrics, "recorded_in_checkpoint": recorded,
+             "world_size": trainer.world_size}, indent=2))
+        lines = [f"stm eval: {cfg.ckpt_path}"]
+        for key, value in metrics.items():
+            note = f" (recorded in the checkpoint: {recorded[key]:.6f})" if key in recorded else ""
+            lines.append(f"  {key} = {value:.6f}{note}")
+        lines.append(f"  written to {out / 'eval_metrics.json'}")
+        log.info("\n%s", "\n".join(lines))
+        return metrics
 
 
 def hydra_main(config_name: str):

@@ -181,7 +181,7 @@ class ConditionalDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ShardedSampler(len(self.sets[split]), rank=rank, world_size=world, seed=self.seed,
-                                 shuffle=shuffle)
+                                 shuffle=shuffle, pad=shuffle)  # validation reads each example exactly once
         return DataLoader(self.sets[split], batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=pad_collate(self.tokenizer.pad_token_id))
 

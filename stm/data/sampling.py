@@ -21,14 +21,17 @@ from stm.segments import IGNORE_INDEX
 
 class ShardedSampler(Sampler[int]):
     """Indices 0..n-1, shuffled per epoch from `seed`, rank `rank` of `world_size` taking every
-    world_size-th one. Ranks get equal counts: the last round is topped up with items from the start of the
-    order (as `DistributedSampler` does), so DDP never waits on a rank with one batch less."""
+    world_size-th one. For training (`pad=True`) ranks get equal counts: the last round is topped up with items
+    from the start of the order (as `DistributedSampler` does), so DDP never waits on a rank with one batch
+    less. For evaluation (`pad=False`) every item is read exactly once: ranks may differ by one item, and the
+    summed metrics stay exactly those of one process."""
 
-    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int | None = 0, shuffle: bool = True):
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int | None = 0, shuffle: bool = True,
+                 pad: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size}")
         self.n, self.rank, self.world_size = n, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.pad = seed, shuffle, pad
         self.epoch, self.position = 0, 0
 
     def order(self) -> list[int]:
@@ -37,12 +40,15 @@ class ShardedSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=generator).tolist()
         else:
             order = list(range(self.n))
-        per_rank = math.ceil(self.n / self.world_size)
-        order += order[:per_rank * self.world_size - self.n]
+        if self.pad:
+            per_rank = math.ceil(self.n / self.world_size)
+            order += order[:per_rank * self.world_size - self.n]
         return order[self.rank::self.world_size]
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size)
+        if self.pad:
+            return math.ceil(self.n / self.world_size)
+        return len(range(self.rank, self.n, self.world_size))
 
     def __iter__(self):
         order = self.order()

@@ -268,7 +268,7 @@ class TextDataModule(L.LightningDataModule):
             lanes = self._lanes(self.val_ids, self.val_bytes, self.val_batch_size)
             return DataLoader(lanes, batch_size=None, shuffle=False, num_workers=self.num_workers)
         rank, world = self._world()
-        sampler = ShardedSampler(len(self.val_set), rank=rank, world_size=world, shuffle=False)
+        sampler = ShardedSampler(len(self.val_set), rank=rank, world_size=world, shuffle=False, pad=False)
         return DataLoader(self.val_set, batch_size=self.val_batch_size, sampler=sampler,
                           num_workers=self.num_workers)
 

@@ -1,0 +1,266 @@
+"""DDP inside Hydra jobs and sweeps, wandb run identity, and what a sweeper sees of a failed run.
+
+DDP. Lightning's DDP strategy starts ranks 1..N-1 by running the script again with `sys.argv`; under
+`python train.py -m ...` that starts a nested sweep in every job, writes the ranks into other folders, and inside a
+joblib or submitit worker there is no script to run again. `JobDDPStrategy` starts the other ranks of *this job*
+instead: `train()` / `evaluate()` announce themselves with `ddp_job(entry, cfg)`, and when the Trainer launches,
+the job's resolved config is written to `<output dir>/.stm_ddp_job.yaml` and each rank runs
+`python -c "from stm.sweeps import worker_main; worker_main()" <that file>`: the same config (the same output dir,
+checkpoint to resume, wandb id), appending to the job's one log file. When the job ends, its ranks are waited for
+(killed if the job failed), the process group is destroyed and the environment restored, so the next job of the
+sweep starts afresh on a new port. Where the cluster starts the processes itself (SLURM `srun`, torchrun),
+nothing is launched: every rank runs the job.
+
+Sweepers. A run whose loss is not finite raises `NonFiniteMetricError`; Hydra records the exception in the
+job's return, and the Optuna sweeper records the trial as FAIL and goes on (with `max_failure_rate: 1.0`).
+A job must not return NaN: Optuna 2.x cannot record that (it raises while telling the failure).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import string
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.experimental.callback import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("stm")
+
+JOB_FILE = ".stm_ddp_job.yaml"
+_WORKER = "from stm.sweeps import worker_main; worker_main()"
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
+_current: dict[str, Any] = {}
+
+
+class NonFiniteMetricError(RuntimeError):
+    """The training loss or the optimized metric is NaN or infinite: the run diverged (a failed trial)."""
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (known from the environment before any Trainer exists)."""
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+@contextmanager
+def ddp_job(entry: str, cfg: DictConfig):
+    """Run `stm.run.<entry>(cfg)` as one job: a DDP Trainer inside starts its other ranks on `cfg`.
+
+    On leaving, the job's ranks are waited for (killed if the job raised) and the distributed state is undone.
+    """
+    previous = dict(_current)
+    _current.clear()
+    _current.update(entry=entry, cfg=cfg, launchers=[])
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        launchers = _current.get("launchers", [])
+        _current.clear()
+        _current.update(previous)
+        for launcher in launchers:
+            launcher.finish(failed)
+
+
+class JobDDPStrategy(DDPStrategy):
+    """Lightning's `DDPStrategy` whose launcher starts the other ranks of the current Hydra job (see the module
+    docstring). Takes the same arguments; `process_group_backend: gloo` on CPUs, `nccl` (the default) on GPUs."""
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _SubprocessScriptLauncher):
+            self._launcher = JobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+
+class JobLauncher(_SubprocessScriptLauncher):
+    """Starts ranks 1..N-1 on the job's resolved config; see `JobDDPStrategy`."""
+
+    grace_s = 30.0  # after a rank died: how long the main process may take to notice before it is killed
+    wait_s = 600.0  # at the end of a job: how long the other ranks may take to finish
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._saved_env: dict[str, str | None] = {}
+        self._saved_threads: int | None = None
+        self._done = threading.Event()
+
+    def launch(self, function, *args, trainer=None, **kwargs):
+        from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+
+        if not _current:  # not inside train()/evaluate(): Lightning's own behaviour
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._saved_threads = torch.get_num_threads()
+            self._call_children_scripts()
+            threading.Thread(target=self._observe, daemon=True, name="stm-rank-observer").start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+    def _call_children_scripts(self) -> None:
+        self._check_can_spawn_children()
+        cfg: DictConfig = _current["cfg"]
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        job_file = out / JOB_FILE
+        log_files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+        OmegaConf.save(OmegaConf.create({"entry": _current["entry"], "log_files": log_files,
+                                         "config": OmegaConf.to_container(cfg, resolve=True)}), job_file)
+        self._saved_env = {k: os.environ.get(k) for k in _DIST_ENV}
+        os.environ["MASTER_ADDR"] = self.cluster_environment.main_address
+        os.environ["MASTER_PORT"] = str(self.cluster_environment.main_port)
+        os.environ["NODE_RANK"] = str(self.cluster_environment.node_rank())
+        os.environ["LOCAL_RANK"] = str(self.cluster_environment.local_rank())
+        os.environ["WORLD_SIZE"] = f"{self.num_processes * self.num_nodes}"
+        for local_rank in range(1, self.num_processes):
+            global_rank = self.cluster_environment.node_rank() * self.num_processes + local_rank
+            env = dict(os.environ, LOCAL_RANK=str(local_rank), STM_RANK=str(global_rank))
+            if os.environ.get("PL_GLOBAL_SEED") is None:
+                env.pop("PL_GLOBAL_SEED", None)
+            self.procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(job_file)], env=env,
+                                               cwd=os.getcwd()))
+        _current["launchers"].append(self)
+        log.info("DDP: started %d more rank(s) of this job on %s (pids %s)", self.num_processes - 1, job_file,
+                 [p.pid for p in self.procs])
+
+    def _observe(self) -> None:
+        """Kill the main process if a rank died and the job does not end by itself (it would hang in a
+        collective); a job that raises, or ends, within `grace_s` goes on to the next job of the sweep."""
+        while not self._done.wait(2.0):
+            dead = [p for p in self.procs if p.poll() not in (None, 0)]
+            if dead and not self._done.wait(self.grace_s):
+                log.error("DDP: rank(s) %s died (exit codes %s) and the job did not end: stopping it",
+                          [self.procs.index(p) + 1 for p in dead], [p.returncode for p in dead])
+                for p in self.procs:
+                    p.kill()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if all(p.poll() == 0 for p in self.procs):
+                return
+
+    def finish(self, failed: bool) -> None:
+        """End of the job: wait for the other ranks (kill them if the job failed), then undo the distributed
+        state so the next job of a sweep initialises its own process group."""
+        import torch.distributed as dist
+
+        self._done.set()
+        deadline = time.monotonic() + (5.0 if failed else self.wait_s)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("DDP: rank process %d did not end; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
+        codes = [p.returncode for p in self.procs]
+        log.info("DDP: the other ranks of this job ended (exit codes %s)", codes)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if self._saved_threads is not None:
+            torch.set_num_threads(self._saved_threads)
+        if any(codes) and not failed:
+            raise RuntimeError(f"DDP: a rank of this job failed (exit codes of ranks 1..: {codes}); see its log")
+
+
+def worker_main(argv: list[str] | None = None) -> None:
+    """Rank > 0 of a job started by `JobLauncher`: run the job's entry on its resolved config."""
+    argv = sys.argv[1:] if argv is None else argv
+    job = OmegaConf.load(argv[0])
+    rank = int(os.environ.get("STM_RANK", os.environ.get("LOCAL_RANK", "1")))
+    _log_to(list(job.get("log_files") or []), rank)
+    from stm import run
+
+    try:
+        getattr(run, job.entry)(job.config)
+    except NonFiniteMetricError as err:  # rank 0 raises the same error; the job, not this rank, reports it
+        log.warning("rank %d: %s", rank, err)
+    log.info("rank %d of the job ended", rank)
+
+
+def _log_to(files: list[str], rank: int) -> None:
+    """This rank's log lines go to the job's log file(s) (appended, marked with the rank); only warnings to
+    the console."""
+    fmt = logging.Formatter(f"[%(asctime)s][%(name)s][%(levelname)s][rank {rank}] - %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for name in files:
+        handler = logging.FileHandler(name, mode="a")
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(logging.WARNING)
+    root.addHandler(console)
+
+
+class MultirunHydraConfig(Callback):
+    """A Hydra callback (conf/hydra/default.yaml): at the start of a multirun, make the sweep's config the current
+    Hydra config. Hydra sets it only per job, but a sweeper resolves `hydra.sweep.dir` and its own settings
+    (Optuna's storage) before any job, and those use `paths.log_dir`, i.e. `${hydra:runtime.cwd}`."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)
+
+
+def sweep_info() -> dict[str, Any] | None:
+    """The Hydra sweep this job belongs to (`group`, job `num`, `overrides`), or None outside a multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        return {"group": Path(str(hc.sweep.dir)).name, "num": hc.job.num,
+                "overrides": hc.job.override_dirname or str(hc.job.num)}
+    except Exception:  # noqa: BLE001 - a config without Hydra's runtime parts (tests, notebooks): no sweep
+        return None
+
+
+def configure_wandb(cfg: DictConfig, out: Path) -> None:
+    """Fill in `logger.wandb`: the run id (kept in `<out>/wandb_id.txt`, so a resumed job continues the same
+    run), the group (the sweep) and the name (the job's overrides in a sweep)."""
+    wandb_cfg = OmegaConf.select(cfg, "logger.wandb")
+    if wandb_cfg is None:
+        return
+    id_file = out / "wandb_id.txt"
+    if not wandb_cfg.get("id"):
+        if id_file.is_file() and id_file.read_text().strip():
+            wandb_cfg.id = id_file.read_text().strip()
+        else:  # wandb's own format: 8 lowercase letters and digits
+            wandb_cfg.id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    if is_rank_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(f"{wandb_cfg.id}\n")
+    sweep = sweep_info()
+    if sweep is not None:
+        if wandb_cfg.get("group") is None:
+            wandb_cfg.group = f"{cfg.task_name}-{sweep['group']}"
+        if wandb_cfg.get("name") is None:
+            wandb_cfg.name = f"{sweep['num']}:{sweep['overrides']}"
+    elif wandb_cfg.get("name") is None:
+        wandb_cfg.name = str(cfg.task_name)
