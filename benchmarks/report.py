@@ -32,6 +32,7 @@ SECTIONS = {  # README marker name -> (benchmark field, full-size file, small va
     "gpu": ("gpu_check", "gpu_check.json", "gpu_check_smoke.json"),
     "tokenize": ("tokenize_throughput", "tokenize_throughput.json", "tokenize_throughput_quick.json"),
     "tasks": ("task_runs", "task_runs.json", "task_runs_quick.json"),
+    "horizon": ("horizon", "horizon.json", "horizon_quick.json"),
 }
 
 
@@ -233,8 +234,17 @@ def render_tasks(data: dict, small: bool) -> str:
             + table(["command", "wall s", "val loss", "val ppl", "generation metrics"], rows))
 
 
+def render_horizon(data: dict, small: bool) -> str:
+    solved = ", ".join(f"{name} {count}" for name, count in data.get("solved", {}).items())
+    return (f"**Horizon curves** (associative recall: accuracy against the distance from the fact to the question, "
+            f"in segments; `python benchmarks/horizon.py --plot benchmarks/results/horizon.png`, which runs "
+            f"`python train.py -m experiment=horizon`).\n\n{provenance(data, small)}\n\n"
+            f"![horizon curves](benchmarks/results/horizon.png)\n\n```\n{data['table'].rstrip()}\n```\n\n"
+            f"Runs that solve the probe (far accuracy >= 99%): {solved or '-'}.")
+
+
 RENDER = {"train_speed": render_train_speed, "stream": render_stream, "gpu": render_gpu,
-          "tokenize": render_tokenize, "tasks": render_tasks}
+          "tokenize": render_tokenize, "tasks": render_tasks, "horizon": render_horizon}
 
 
 def write_readme(readme: Path, sections: dict[str, str]) -> list[str]:

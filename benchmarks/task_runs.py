@@ -77,7 +77,7 @@ def run_one(task: str, memory: str, extra: list[str], steps: int | None, root: P
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="*", help="task/memory pairs to run, e.g. summarization/xl")
-    p.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the task's config)")
+    p.add_argument("--steps", type=int, default=300, help="trainer.max_steps (validation at the end)")
     p.add_argument("--out", default=str(common.RESULTS_DIR / "task_runs.json"))
     args = p.parse_args(argv)
     runs = [r for r in RUNS if not args.only or f"{r[0]}/{r[1]}" in args.only]

@@ -184,7 +184,7 @@ def training_report(cfg: DictConfig, trainer: L.Trainer, parts: dict, seconds: f
         lines.append(f"  unigram baseline on the same validation text: bpb={baseline['bpb']:.4f}, "
                      f"loss={baseline['loss']:.4f}")
     ckpt_cb = trainer.checkpoint_callback
-    if ckpt_cb is not None:
+    if ckpt_cb is not None and hasattr(ckpt_cb, "best_model_path"):  # RunGuard alone (no ModelCheckpoint) has none
         if ckpt_cb.best_model_path:
             lines.append(f"  best checkpoint: {ckpt_cb.best_model_path}")
         last = Path(ckpt_cb.dirpath or "") / "last.ckpt"

@@ -157,3 +157,17 @@ def test_byte_level_lengths_agree_with_offsets(local_bpe):
     assert counts.sum() == ref_counts.sum() == len(text.encode("utf-8"))
     assert np.abs(np.cumsum(counts) - np.cumsum(ref_counts)).max() < 4
     assert (counts == ref_counts).mean() > 0.99
+
+
+def test_sampler_starts_a_new_pass_after_exactly_len_items():
+    """Lightning takes len(sampler) items and stops asking: the next pass (the next validation) must still
+    see every item, not an exhausted generator."""
+    from itertools import islice
+
+    from stm.data.sampling import ShardedSampler
+
+    for pad in (True, False):
+        sampler = ShardedSampler(5, shuffle=False, pad=pad)
+        first = list(islice(iter(sampler), len(sampler)))
+        second = list(islice(iter(sampler), len(sampler)))
+        assert first == second == [0, 1, 2, 3, 4]

@@ -55,8 +55,13 @@ class ShardedSampler(Sampler[int]):
         while self.position < len(order):
             index = order[self.position]
             self.position += 1
+            if self.position == len(order):
+                # the epoch is over with its last item: Lightning stops after len() items without asking for
+                # another, so advancing later would leave the next pass (the next validation) empty
+                self.epoch, self.position = self.epoch + 1, 0
+                yield index
+                return
             yield index
-        self.epoch, self.position = self.epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at every epoch start, a resumed epoch included: keep the position then."""

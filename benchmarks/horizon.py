@@ -1,0 +1,93 @@
+"""Memory horizon: run a horizon sweep (or take finished ones), collect the curves, save them with the machine.
+
+    python benchmarks/horizon.py                      # experiment=horizon: none, full, swa, xl, rmt (~15 min, CPU)
+    python benchmarks/horizon.py --seeds 0,1,2,3,4 --memory rmt --name horizon_rmt_seeds
+    python benchmarks/horizon.py --collect logs/horizon/multiruns/<time> --name horizon
+
+Runs `train.py -m experiment=<experiment> probe_memory=<memory> seed=<seeds> [overrides]` one job at a time
+(torch threads as set by --threads), then `stm.horizon.collect` over the sweep folder(s), and writes
+`benchmarks/results/<name>.json` (the command, environment, per-run rows, pooled curves, table) and, with
+--plot, the figure. The per-run `horizon.json` and `csv/metrics.csv` are copied under
+`benchmarks/results/<name>/` so that the notebook can show them without the logs folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import REPO_ROOT, RESULTS_DIR, command_line, environment, progress, save_result, set_threads
+
+from stm import horizon
+
+
+def run_sweep(experiment: str, memory: str, seeds: str, overrides: list[str], sweep_dir: Path, threads: int) -> float:
+    """`train.py -m` of the sweep into `sweep_dir`; returns its wall time in seconds."""
+    args = [sys.executable, "train.py", "-m", f"experiment={experiment}", f"probe_memory={memory}", f"seed={seeds}",
+            f"hydra.sweep.dir={sweep_dir}", "callbacks.progress_bar=null", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    progress(" ".join(args[1:]))
+    started = time.time()
+    result = subprocess.run(args, cwd=REPO_ROOT, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"the sweep failed (exit code {result.returncode}); its jobs are under {sweep_dir}")
+    return time.time() - started
+
+
+def keep_runs(roots: list[Path], target: Path) -> None:
+    """Copy each run's horizon.json and CSV log under `target` (one folder per run, named by its place)."""
+    if any(target.resolve() in (r.resolve(), *r.resolve().parents) for r in roots):
+        return  # collecting the kept runs themselves
+    if target.exists():
+        shutil.rmtree(target)
+    for path in horizon.find_runs(roots):
+        run_dir = path.parent
+        name = "_".join(run_dir.relative_to(run_dir.parents[1]).parts)
+        (target / name).mkdir(parents=True)
+        shutil.copy2(path, target / name / path.name)
+        metrics = run_dir / "csv" / "metrics.csv"
+        if metrics.is_file():
+            (target / name / "csv").mkdir()
+            shutil.copy2(metrics, target / name / "csv" / "metrics.csv")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default="horizon")
+    parser.add_argument("--memory", default="none,full,swa,xl,rmt", help="probe_memory choices, comma-separated")
+    parser.add_argument("--seeds", default="0", help="run seeds, comma-separated")
+    parser.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per job")
+    parser.add_argument("--collect", nargs="*", help="only collect these finished sweep folders")
+    parser.add_argument("--name", default="horizon", help="results/<name>.json")
+    parser.add_argument("--plot", help="also write the figure here (e.g. docs/horizon.png)")
+    parser.add_argument("--solve-at", type=float, default=0.99)
+    parser.add_argument("--note", help="free text kept with the result (e.g. the command that ran a collected sweep)")
+    parser.add_argument("overrides", nargs="*", help="more train.py overrides for every job")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    seconds = None
+    if args.collect:
+        roots = [Path(p) for p in args.collect]
+    else:
+        sweep_dir = REPO_ROOT / "logs" / "horizon" / "multiruns" / f"{args.name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+        seconds = run_sweep(args.experiment, args.memory, args.seeds, args.overrides, sweep_dir, args.threads)
+        roots = [sweep_dir]
+    result = horizon.collect(roots, args.solve_at)
+    print(result["table"])
+    print("solved:", result["solved"])
+    keep_runs(roots, RESULTS_DIR / args.name)
+    payload = {"command": command_line(), "note": args.note, "environment": environment(),
+               "threads_per_job": args.threads, "sweep_seconds": seconds, **result}
+    print(f"written {save_result(args.name, payload)}")
+    if args.plot:
+        horizon.plot(horizon.load_runs(roots), args.plot)
+        print(f"written {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

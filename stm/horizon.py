@@ -1,0 +1,269 @@
+"""Horizon curves: gather the `horizon.json` of a sweep's runs (task=probe), tabulate and plot them.
+
+    python -m stm.horizon logs/horizon/multiruns/<time> [more folders] --out horizon.json --plot horizon.png
+
+Every folder is searched recursively for `horizon.json` files (one per run, written by `stm.tasks.ProbeTask`
+after its last validation). A run's record is that file, plus where it lies and what else the run left there:
+its CSV metrics (`csv/metrics.csv`) and wandb offline runs (`wandb/offline-run-*`). Runs of the same mechanism
+(same memory config) are one curve: accuracy by distance bucket (correct / count summed over the runs, so
+seeds pool), and the per-run numbers stay in the table, with how many runs `solved` the probe (accuracy over
+`far` at least `solve_at`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from stm.tasks.probe import HORIZON_FILE, horizon_table
+
+MECHANISM_ORDER = ("none", "full", "swa", "xl", "rmt")
+
+
+def find_runs(roots: Iterable[str | Path], filename: str = HORIZON_FILE) -> list[Path]:
+    """The `filename` files under each root (a file itself is taken as is), sorted by path."""
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if root.is_file():
+            found.append(root)
+        elif root.is_dir():
+            found += sorted(root.rglob(filename))
+        else:
+            raise FileNotFoundError(f"stm.horizon: {root} does not exist")
+    return found
+
+
+def load_run(path: str | Path) -> dict:
+    """A run's horizon record with `run_dir`, `csv` (path or None) and `wandb` (offline run folders) added."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"stm.horizon: cannot read {path} as JSON ({err})") from err
+    for key in ("mechanism", "edges", "buckets", "overall", "score"):
+        if key not in record:
+            raise ValueError(f"stm.horizon: {path} has no {key!r}: not a horizon.json written by task=probe")
+    run_dir = path.parent
+    metrics = run_dir / "csv" / "metrics.csv"
+    record.update(path=str(path), run_dir=str(run_dir), csv=str(metrics) if metrics.is_file() else None,
+                  wandb=[str(p) for p in sorted((run_dir / "wandb").glob("offline-run-*"))])
+    return record
+
+
+def load_runs(roots: Iterable[str | Path]) -> list[dict]:
+    """Every run under `roots`, in mechanism order (none, full, swa, xl, rmt, then others), then by seed."""
+    runs = [load_run(p) for p in find_runs(roots)]
+    if not runs:
+        raise FileNotFoundError(f"stm.horizon: no {HORIZON_FILE} under {[str(r) for r in roots]}")
+    return sorted(runs, key=_order)
+
+
+def _order(run: dict) -> tuple:
+    name = run["mechanism"]
+    rank = MECHANISM_ORDER.index(name) if name in MECHANISM_ORDER else len(MECHANISM_ORDER)
+    probe = run.get("val_source") or {}
+    size = probe.get("target_length", probe.get("length"))
+    return rank, name, str(run.get("memory")), size if isinstance(size, (int, float)) else 0, run.get("seed") or 0, \
+        run["path"]
+
+
+def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """A Lightning CSV log -> {metric: [(step, value), ...]} for the cells that hold a value."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    return series
+
+
+def label_of(run: dict, runs: Sequence[dict]) -> str:
+    """The mechanism, with the memory and probe options (e.g. the context length) that tell it apart from other
+    runs of the same mechanism; seeds do not."""
+    def options(r: dict) -> dict:
+        return {**_flat(r.get("memory") or {}), **_flat(r.get("val_source") or {}, "probe.")}
+
+    same = [options(r) for r in runs if r["mechanism"] == run["mechanism"]]
+    mine = options(run)  # an option a run does not record (an older horizon.json) is no difference
+    differing = {k: v for k, v in mine.items() if any(k in o and o[k] != v for o in same)}
+    if not differing:
+        return run["mechanism"]
+    shown = ", ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in sorted(differing.items()))
+    return f"{run['mechanism']} ({shown})"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def curves(runs: Sequence[dict], score: str | None = None) -> dict[str, dict]:
+    """One curve per label: {label: {"lo": [...], "hi": [...], "count": [...], "correct": [...],
+    "accuracy": [...] (None where no example), "runs": n, "seeds": [...]}}, correct and count summed over runs."""
+    out: dict[str, dict] = {}
+    for run in runs:
+        s = score or run["score"]
+        label = label_of(run, runs)
+        curve = out.get(label)
+        if curve is None:
+            curve = out[label] = {"mechanism": run["mechanism"], "memory": run.get("memory"), "score": s,
+                                  "lo": [b["lo"] for b in run["buckets"]], "hi": [b["hi"] for b in run["buckets"]],
+                                  "names": [b["name"] for b in run["buckets"]], "count": [0] * len(run["buckets"]),
+                                  "correct": [0.0] * len(run["buckets"]), "runs": 0, "seeds": [],
+                                  "segment_len": run.get("segment_len"), "baselines": run.get("baselines", {})}
+        if [b["name"] for b in run["buckets"]] != curve["names"]:
+            raise ValueError(f"stm.horizon: {run['path']} has buckets {[b['name'] for b in run['buckets']]}, other "
+                             f"runs of {label} have {curve['names']}: use the same task.edges")
+        for k, bucket in enumerate(run["buckets"]):
+            curve["count"][k] += bucket["count"]
+            curve["correct"][k] += bucket["correct"][s]
+        curve["runs"] += 1
+        curve["seeds"].append(run.get("seed"))
+    for curve in out.values():
+        curve["accuracy"] = [c / n if n else None for c, n in zip(curve["correct"], curve["count"])]
+    return out
+
+
+def summary(runs: Sequence[dict], solve_at: float = 0.99) -> list[dict]:
+    """Per run: label, seed, near, far, overall, truncated count, solved (far >= solve_at), steps."""
+    rows = []
+    for run in runs:
+        s = run["score"]
+        far = run["far"]["accuracy"].get(s)
+        rows.append({"label": label_of(run, runs), "mechanism": run["mechanism"], "seed": run.get("seed"),
+                     "near": run["near"]["accuracy"].get(s), "far": far, "overall": run["overall"]["accuracy"].get(s),
+                     "n": run["overall"]["count"], "truncated": run["truncated"]["count"],
+                     "near_range": [run["near"]["lo"], run["near"]["hi"]],
+                     "far_range": [run["far"]["lo"], run["far"]["hi"]],
+                     "solved": far is not None and far >= solve_at, "step": run.get("step"), "run_dir": run["run_dir"]})
+    return rows
+
+
+def solved_counts(rows: Sequence[dict]) -> dict[str, str]:
+    """{label: "k/n"}: how many of a label's runs solved the probe."""
+    out: dict[str, list[int]] = {}
+    for row in rows:
+        k, n = out.get(row["label"], [0, 0])
+        out[row["label"]] = [k + int(row["solved"]), n + 1]
+    return {label: f"{k}/{n}" for label, (k, n) in out.items()}
+
+
+def table(runs: Sequence[dict]) -> str:
+    """The per-run table of `stm.tasks.probe.horizon_table`, labelled, with seeds."""
+    labelled = [{**run, "mechanism": label_of(run, runs) + (f" s{run['seed']}" if _many_seeds(runs) else "")}
+                for run in runs]
+    return horizon_table(labelled)
+
+
+def _many_seeds(runs: Sequence[dict]) -> bool:
+    return len({run.get("seed") for run in runs}) > 1
+
+
+def memory_reach(memory: dict | None, segment_len: int | None) -> float | None:
+    """How many segments back a cache or window reaches directly: xl's mem_len or swa's window over the
+    segment length (a window relayed through L layers can reach up to L times further); None for others."""
+    if not memory or not segment_len or len(memory) != 1:
+        return None
+    name, options = next(iter(memory.items()))
+    tokens = {"xl": "mem_len", "swa": "window"}.get(name)
+    if tokens is None or not isinstance(options, dict) or options.get(tokens) is None:
+        return None
+    return options[tokens] / segment_len
+
+
+def plot(runs: Sequence[dict], path: str | Path | None = None, ax=None, title: str | None = None):
+    """Accuracy against distance in segments, one line per mechanism (seeds pooled), the chance level dashed.
+
+    Each bucket is drawn at its mean distance (lo..hi; the open last bucket at lo). Returns the figure;
+    writes it to `path` (PNG, SVG, ... by suffix) when given. Uses the Agg backend when it makes the figure.
+    """
+    import matplotlib
+
+    if ax is None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    else:
+        fig = ax.figure
+    data = curves(runs)
+    for label, curve in data.items():
+        points = [((lo + hi) / 2 if hi is not None else lo, acc)
+                  for lo, hi, acc in zip(curve["lo"], curve["hi"], curve["accuracy"]) if acc is not None]
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        seeds = f", {curve['runs']} runs" if curve["runs"] > 1 else ""
+        reach = memory_reach(curve["memory"], curve["segment_len"])
+        reach_note = f", reach {reach:g} seg" if reach is not None else ""
+        (line,) = ax.plot(xs, [100 * y for y in ys], marker="o", label=f"{label}{seeds}{reach_note}")
+        if reach is not None:
+            ax.axvline(reach, color=line.get_color(), linestyle=":", linewidth=1)
+    chance = {c["baselines"].get("uniform_value") for c in data.values()} - {None}
+    if len(chance) == 1:
+        ax.axhline(100 * chance.pop(), color="grey", linestyle="--", linewidth=1, label="chance")
+    first = next(iter(data.values()))
+    ax.set_xlabel(f"distance from fact to question (segments of {first['segment_len']} tokens)")
+    ax.set_ylabel(f"accuracy (%, {first['score']})")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    return fig
+
+
+def collect(roots: Iterable[str | Path], solve_at: float = 0.99) -> dict:
+    """Everything a report needs: the runs' rows, the pooled curves, solved counts and the text table."""
+    runs = load_runs(roots)
+    rows = summary(runs, solve_at)
+    return {"roots": [str(r) for r in roots], "solve_at": solve_at, "rows": rows, "solved": solved_counts(rows),
+            "curves": curves(runs), "table": table(runs)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m stm.horizon", description=__doc__.split("\n\n")[0])
+    parser.add_argument("roots", nargs="+", help="sweep folders (searched for horizon.json) or horizon.json files")
+    parser.add_argument("--out", help="write the collected runs, curves and table to this JSON file")
+    parser.add_argument("--plot", help="write the figure to this file (.png, .svg, ...)")
+    parser.add_argument("--title", help="figure title")
+    parser.add_argument("--solve-at", type=float, default=0.99, help="far accuracy that counts as solved")
+    args = parser.parse_args(argv)
+    result = collect(args.roots, args.solve_at)
+    print(result["table"])
+    solved = ", ".join(f"{label} {k_of_n}" for label, k_of_n in result["solved"].items())
+    print(f"solved (far >= {args.solve_at:.0%}): {solved}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+        print(f"written {args.out}")
+    if args.plot:
+        plot(load_runs(args.roots), args.plot, title=args.title)
+        print(f"written {args.plot}")
+    return result
+
+
+def _plain(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""`task=probe`: memory probes scored by how far back the fact was: accuracy overall, by distance, near and far.
+
+A probe example (`stm.data.probes`: associative recall, copy, BABILong-style QA) knows, once laid out in
+segments, how many segment borders lie between its earliest supporting fact and the question
+(`info.meta["distance_segments"]`, see `stm.data.probes.probe_distances`). Every generated answer is scored
+(exact match; answer-in-first-sentence for BABILong) and counted in
+
+- the bucket of its distance: `edges` [0, 1, 2, 4, 8] give the buckets 0, 1, 2-3, 4-7 and 8+ segments,
+  logged as `val/acc_seg0`, `val/acc_seg1`, `val/acc_seg2-3`, `val/acc_seg4-7`, `val/acc_seg8+`;
+- `near` and `far`: inclusive ranges of distance in segments (hi null: unbounded), logged as
+  `val/acc_near` and `val/acc_far`;
+- `truncated`: examples whose fact (or question) the data module's truncation cut away. They cannot be
+  answered from the context, so they are in no distance bucket, nor near or far; they are logged as
+  `val/acc_truncated` and counted in `val/n_truncated` (0 when there are none), and a warning names them;
+- overall (`val/acc`): every generated example, truncated ones included (so it equals `val/exact_match`).
+
+The sums are torchmetrics states reduced by summing, so the accuracies are exact under DDP. After every
+validation, rank zero writes `horizon.json` (mechanism, bucket edges, counts, correct, accuracy, baselines)
+into the run's output folder (`trainer.default_root_dir`); at the end of fit the task logs a one-line table
+(mechanism, accuracy near, accuracy far, overall). `stm.horizon` gathers the files of a sweep into curves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torchmetrics import Metric
+
+from stm.tasks.qa import QuestionAnsweringTask
+from stm.text_metrics import answer_in_first_sentence, exact_match
+
+log = logging.getLogger("stm")
+
+SCORES = {"exact_match": exact_match, "first_sentence": answer_in_first_sentence}
+HORIZON_FILE = "horizon.json"
+
+
+def bucket_names(edges: Sequence[int]) -> list[str]:
+    """Names of the distance buckets of `edges`: [0, 1, 2, 4] -> ["seg0", "seg1", "seg2-3", "seg4+"]."""
+    names = []
+    for lo, hi in zip(edges, list(edges[1:]) + [None]):
+        if hi is None:
+            names.append(f"seg{lo}+")
+        elif hi - lo == 1:
+            names.append(f"seg{lo}")
+        else:
+            names.append(f"seg{lo}-{hi - 1}")
+    return names
+
+
+def _check_range(name: str, value) -> tuple[int, int | None]:
+    """An inclusive [lo, hi] range of segment distances (hi None: unbounded)."""
+    if value is None or len(value) != 2 or value[0] is None or value[0] < 0 or \
+            (value[1] is not None and value[1] < value[0]):
+        raise ValueError(f"task.{name} must be an inclusive [lo, hi] range of distances in segments with "
+                         f"0 <= lo <= hi (hi null: unbounded), got {value}")
+    return int(value[0]), None if value[1] is None else int(value[1])
+
+
+class DistanceAccuracy(Metric):
+    """Correct answers and examples per group: the distance buckets, then near, far, truncated and all.
+
+    State: `count` (G,) examples per group and `correct` (S, G) the summed score of each of the S scores,
+    both summed across ranks. `update` takes one example at a time.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, edges: Sequence[int], near: Sequence, far: Sequence, scores: Sequence[str], **kwargs):
+        super().__init__(**kwargs)
+        edges = [int(e) for e in edges]
+        if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"task.edges must be strictly increasing distances in segments starting at 0, "
+                             f"got {list(edges)}")
+        self.edges = edges
+        self.near, self.far = _check_range("near", near), _check_range("far", far)
+        self.scores = list(scores)
+        self.buckets = bucket_names(edges)
+        self.groups = self.buckets + ["near", "far", "truncated", "all"]
+        self.add_state("count", default=torch.zeros(len(self.groups), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("correct", default=torch.zeros(len(self.scores), len(self.groups), dtype=torch.float64),
+                       dist_reduce_fx="sum")
+
+    def groups_of(self, distance_segments: int | None, kept: bool) -> list[int]:
+        """Indices of the groups an example falls in."""
+        index = [len(self.groups) - 1]
+        if not kept:
+            return index + [self.groups.index("truncated")]
+        d = int(distance_segments)
+        index.append(sum(1 for e in self.edges if e <= d) - 1)
+        for name, (lo, hi) in (("near", self.near), ("far", self.far)):
+            if lo <= d and (hi is None or d <= hi):
+                index.append(self.groups.index(name))
+        return index
+
+    def update(self, distance_segments: int | None, kept: bool, scores: dict[str, float]) -> None:
+        """Count one example: its distance in segments, whether its fact survived, and its score per name."""
+        index = torch.tensor(self.groups_of(distance_segments, kept), device=self.count.device)
+        self.count[index] += 1
+        values = torch.tensor([float(scores[s]) for s in self.scores], dtype=torch.float64, device=self.count.device)
+        self.correct[:, index] += values[:, None]
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """{score: {group: accuracy}} (NaN for an empty group) and {"count": {group: n}}."""
+        count = self.count.double()
+        out: dict[str, dict[str, float]] = {"count": {g: int(n) for g, n in zip(self.groups, self.count.tolist())}}
+        for s, name in enumerate(self.scores):
+            acc = torch.where(count > 0, self.correct[s] / count.clamp(min=1), torch.full_like(count, math.nan))
+            out[name] = dict(zip(self.groups, acc.tolist()))
+        out["correct"] = {name: dict(zip(self.groups, self.correct[s].tolist())) for s, name in enumerate(self.scores)}
+        return out
+
+
+def mechanism_name(run_config: dict | None, memory) -> str:
+    """The memory mechanism(s) as chosen in the config ("rmt", "rmt+swa"), else the module's class name."""
+    chosen = (run_config or {}).get("memory")
+    if isinstance(chosen, dict) and chosen:
+        if "_target_" in chosen:
+            return chosen["_target_"].rsplit(".", 1)[-1]
+        return "+".join(chosen)
+    return type(memory).__name__
+
+
+class ProbeTask(QuestionAnsweringTask):
+    """QA over memory probes, scored by the distance in segments between the fact and the question.
+
+    scores:     per-example scores counted by distance: exact_match and/or first_sentence (BABILong); the
+                first is the accuracy logged as `val/acc*`, the others as `val/<score>*`.
+    edges:      bucket edges in segments, strictly increasing from 0; the last bucket is open-ended.
+    near, far:  inclusive [lo, hi] ranges of distance in segments (hi null: no upper end) for the summary
+                numbers `val/acc_near` and `val/acc_far` and the table printed at the end of fit.
+    horizon_file: the file written into the run's output folder after each validation (null: none).
+    Everything else as in `ConditionalLMTask` (`n_generate: null` scores every validation example).
+    """
+
+    def __init__(self, *args, scores: Sequence[str] = ("exact_match",), edges: Sequence[int] = (0, 1, 2, 4, 8, 16),
+                 near: Sequence = (0, 1), far: Sequence = (2, None), horizon_file: str | None = HORIZON_FILE,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        scores = list(scores)
+        unknown = [s for s in scores if s not in SCORES]
+        if not scores or unknown:
+            raise ValueError(f"task.scores: choose one or more of {sorted(SCORES)}, got {scores}")
+        self.distance_accuracy = DistanceAccuracy(list(edges), list(near), list(far), scores)
+        self.horizon_file = horizon_file
+        self.references: Counter[str] = Counter()
+        self.value_vocabs: set = set()
+        self.horizon: dict | None = None
+
+    # ------------------------------------------------------------------------------------------ scoring
+
+    def on_generation(self, index: int, info, output: str) -> None:
+        meta = info.meta or {}
+        if "distance_segments" not in meta:
+            raise ValueError(f"task=probe: validation example {index} ({info.origin}) has no distance in its meta; "
+                             f"the probe task needs probe data (data=probe_recall, probe_babilong, qa_sample)")
+        kept = bool(meta.get("facts_kept", True)) and bool(meta.get("question_kept", True))
+        scores = {name: SCORES[name](output, info.reference) for name in self.distance_accuracy.scores}
+        self.distance_accuracy.update(meta["distance_segments"], kept, scores)
+        self.references[info.reference] += 1
+        if "value_vocab" in meta:
+            self.value_vocabs.add(int(meta["value_vocab"]))
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self.references.clear()
+        self.value_vocabs.clear()
+
+    def on_validation_epoch_end(self):
+        super().on_validation_epoch_end()
+        metric = self.distance_accuracy
+        result = metric.compute()
+        metric.reset()
+        counts = result["count"]
+        if counts["all"] == 0:
+            log.warning("task=probe: no validation example was generated (task.n_generate=0?): no accuracy")
+            return
+        for s, score in enumerate(metric.scores):
+            prefix = "acc" if s == 0 else score
+            for group in metric.groups:
+                if counts[group] > 0:
+                    name = prefix if group == "all" else f"{prefix}_{group}"
+                    self.log(f"val/{name}", result[score][group])
+                    self.last_val[f"val/{name}"] = result[score][group]
+        self.log("val/n_truncated", float(counts["truncated"]))
+        self.last_val["val/n_truncated"] = float(counts["truncated"])
+        if counts["truncated"] and not self.trainer.sanity_checking:
+            log.warning("task=probe: %d of %d validation examples lost their fact to truncation (data.max_segments):"
+                        " counted as `truncated`, not in any distance bucket", counts["truncated"], counts["all"])
+        self.horizon = self._horizon_record(result)
+        if self.horizon_file and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            path = Path(self.trainer.default_root_dir) / self.horizon_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.horizon, indent=2) + "\n")
+
+    def _horizon_record(self, result: dict) -> dict:
+        """What horizon.json holds: the run, the buckets with counts, correct and accuracy, near/far, baselines."""
+        metric, counts = self.distance_accuracy, result["count"]
+        cfg = self.run_config or {}
+        memory_cfg = cfg.get("memory")
+
+        def group(name: str, **extra) -> dict:
+            return {"name": name, **extra, "count": counts[name],
+                    "correct": {s: result["correct"][s][name] for s in metric.scores},
+                    "accuracy": {s: _finite(result[s][name]) for s in metric.scores}}
+
+        his = list(metric.edges[1:]) + [None]
+        buckets = [group(name, lo=lo, hi=None if hi is None else hi - 1)
+                   for name, lo, hi in zip(metric.buckets, metric.edges, his)]
+        n = sum(self.references.values()) if self.trainer.world_size == 1 else 0
+        baselines = {}
+        if n:  # rank-local when sharded; left out under DDP rather than reported wrong
+            baselines["majority_answer"] = self.references.most_common(1)[0][1] / n
+        if len(self.value_vocabs) == 1:
+            baselines["uniform_value"] = 1.0 / next(iter(self.value_vocabs))
+        return {
+            "mechanism": mechanism_name(cfg, self.memory),
+            "memory": memory_cfg,
+            "val_source": (cfg.get("data") or {}).get("val_source"),  # what was probed: length, vocabularies, ...
+            "segment_len": self.segment_len,
+            "step": int(self.global_step),
+            "seed": cfg.get("seed"),
+            "task_name": cfg.get("task_name"),
+            "score": metric.scores[0],
+            "scores": metric.scores,
+            "edges": metric.edges,
+            "buckets": buckets,
+            "near": group("near", lo=metric.near[0], hi=metric.near[1]),
+            "far": group("far", lo=metric.far[0], hi=metric.far[1]),
+            "truncated": group("truncated"),
+            "overall": group("all"),
+            "baselines": baselines,
+        }
+
+    def on_fit_end(self):
+        if self.horizon is not None and self.trainer.is_global_zero:
+            log.info("\n%s", horizon_table([self.horizon]))
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def horizon_table(records: Sequence[dict]) -> str:
+    """A text table of horizon records: mechanism, accuracy near, far and overall (with their ranges), and
+    the chance level when the records know it."""
+    def fmt(group: dict, score: str) -> str:
+        acc = group["accuracy"].get(score)
+        return "-" if acc is None else f"{100 * acc:5.1f}%"
+
+    def span(group: dict) -> str:
+        return f"{group['lo']}+" if group["hi"] is None else f"{group['lo']}-{group['hi']}"
+
+    if not records:
+        return "(no horizon records)"
+    first = records[0]
+    width = max(12, *(len(r["mechanism"]) for r in records))
+    near, far = f"near ({span(first['near'])} seg)", f"far ({span(first['far'])} seg)"
+    header = f"{'mechanism':<{width}} {near:>16} {far:>16} {'overall':>9} {'n':>6}"
+    lines = [f"accuracy ({first['score']}) by distance from fact to question, in segments of "
+             f"{first.get('segment_len')} tokens", header, "-" * len(header)]
+    for r in records:
+        score = r["score"]
+        lines.append(f"{r['mechanism']:<{width}} {fmt(r['near'], score):>16} {fmt(r['far'], score):>16} "
+                     f"{fmt(r['overall'], score):>9} {r['overall']['count']:>6}")
+    baselines = first.get("baselines", {})
+    if baselines.get("uniform_value") is not None:
+        chance = baselines["uniform_value"]
+        lines.append(f"chance: {100 * chance:.1f}% (one value of {round(1 / chance)})")
+    elif baselines.get("majority_answer") is not None:
+        lines.append(f"always the most frequent answer: {100 * baselines['majority_answer']:.1f}%")
+    return "\n".join(lines)
