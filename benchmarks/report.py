@@ -229,7 +229,7 @@ def render_tasks(data: dict, small: bool) -> str:
         scores = ", ".join(f"{k} {m['val/' + k]:.3g}" for k in TASK_METRICS.get(r["task"], []) if "val/" + k in m)
         rows.append([f"`{r['command']}`", f"{r['wall_s']:.0f}", fmt(m.get("val/loss")), fmt(m.get("val/ppl")), scores])
     return (f"**One CPU-sized run per task** (the tiny byte-level transformer, the task's shipped or generated data, "
-            f"its default steps; loss and perplexity on the target tokens of the validation set; ROUGE, BLEU and "
+            f"the steps in the command; loss and perplexity on the validation targets; ROUGE, BLEU and "
             f"chrF on 0-100, the rest 0-1).\n\n{provenance(data, small)}\n\n"
             + table(["command", "wall s", "val loss", "val ppl", "generation metrics"], rows))
 
