@@ -26,7 +26,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose conf/<config_name>.yaml with overrides, as `python train.py ...` would, writing to output_dir."""
+    """Compose conf/<config_name>.yaml with overrides, as `python train.py ...` would, writing to output_dir.
+
+    The train config is composed as a language-modelling run (`task=lm`, the base most tests build on) unless
+    the overrides choose a task or an experiment: the default job itself (task=probe) is run by `default_job`.
+    """
+    if config_name == "train" and not any(o.split("=")[0].lstrip("+~") in ("task", "experiment") for o in overrides):
+        overrides = ["task=lm", *overrides]
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)

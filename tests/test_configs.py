@@ -24,6 +24,8 @@ def test_every_group_of_the_design_exists():
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_TASKS = {"probe_recall": "probe", "probe_babilong": "probe", "summarization_sample": "summarization",
+              "translation_sample": "translation", "dialogue_sample": "dialogue", "qa_sample": "qa"}
 REAL_DATA_EXPERIMENTS = {"summarization_qmsum", "translation_bible", "dialogue_sgd", "qa_babi"}
 
 
@@ -40,7 +42,10 @@ REAL_DATA_EXPERIMENTS = {"summarization_qmsum", "translation_bible", "dialogue_s
 def test_each_option_composes_and_instantiates(train_config, group, option):
     if group == "experiment" and option in REAL_DATA_EXPERIMENTS and not SHARED_DATA.is_dir():
         pytest.skip(f"experiment={option} reads the shared data sets, not at {SHARED_DATA}")
-    cfg = train_config([f"{group}={option}"])
+    overrides = [f"{group}={option}"]
+    if group == "data" and option in DATA_TASKS:  # example data: with its task (the others: task=lm)
+        overrides.append(f"task={DATA_TASKS[option]}")
+    cfg = train_config(overrides)
     parts = build_components(cfg)
     assert isinstance(parts["task"].model, torch.nn.Module)
     if group in ("trainer", "logger", "callbacks", "debug", "experiment"):
@@ -142,3 +147,22 @@ def test_bad_memory_values_are_named(train_config):
     cfg = train_config(["memory=[xl,swa]"])
     with pytest.raises(ValueError, match="compose at most one of them"):
         build_components(cfg)
+
+
+def test_probe_defaults_and_a_stray_memory_preset(train_config):
+    """task=probe brings its own data, model, memory and budget, each overridable; a probe_memory preset mixed
+    with another memory= is refused, naming the stray options."""
+    cfg = train_config(["task=probe"])
+    assert list(cfg.memory) == ["rmt"] and cfg.model.n_layers == 2 and cfg.trainer.max_steps == 1000
+    assert cfg.data._target_ == "stm.data.curriculum.CurriculumDataModule"
+    cfg = train_config(["task=probe", "memory=xl", "model=small", "trainer.max_steps=7"])
+    assert list(cfg.memory) == ["xl"] and cfg.model.n_layers == 6 and cfg.trainer.max_steps == 7
+    cfg = train_config(["experiment=horizon", "probe_memory=swa", "memory=none"])
+    with pytest.raises(ValueError, match=r"memory.swa holds options \(\{'window': 64\}\) but no mechanism"):
+        build_components(cfg)
+
+
+def test_a_task_on_the_wrong_kind_of_data_is_refused(train_config):
+    with pytest.raises(ConfigError, match="ProbeTask needs context -> target examples, but data: "
+                                          "stm.data.TextDataModule gives plain text"):
+        build_components(train_config(["task=probe", "data=austen"]))

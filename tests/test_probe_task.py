@@ -100,7 +100,7 @@ def test_mechanism_name_from_the_run_config():
 def test_probe_run_writes_horizon_json_that_matches_its_logs(train_config):
     """A short real run: horizon.json holds every validation example once (buckets + truncated = all), its
     overall accuracy is the logged val/acc (= val/exact_match), and facts cut by truncation are counted apart."""
-    cfg = train_config([*SMALL, *KV10, "data.max_segments=4", "task.edges=[0,1,2,3]", "task.near=[0,1]",
+    cfg = train_config([*SMALL, *KV10, "memory=none", "data.max_segments=4", "task.edges=[0,1,2,3]", "task.near=[0,1]",
                         "task.far=[2,null]"])
     train(cfg)
     out = Path(cfg.paths.output_dir)

@@ -22,12 +22,14 @@ from stm.wandb_offline import read_offline_run
 
 # segments of 48 bytes, 2 per chunk: the Austen validation text is 654 chunks, an even number, so two ranks
 # read 327 each and no chunk is read twice (a padded shard would count one twice)
-SWEEP = ["model.d_model=64", "model.n_layers=2", "task.segment_len=48", "task.n_segments=2", "data.batch_size=4",
+SWEEP = ["task=lm",
+         "model.d_model=64", "model.n_layers=2", "task.segment_len=48", "task.n_segments=2", "data.batch_size=4",
          "data.val_batch_size=32", "trainer.max_steps=12", "trainer.val_check_interval=6",
          "trainer.log_every_n_steps=1", "task.scheduler.warmup_steps=3", "callbacks.progress_bar=null",
          "callbacks.model_summary=null"]
 # smaller still, for the study and the submitit jobs
-QUICK = ["model.d_model=32", "model.n_layers=1", "task.segment_len=32", "data.batch_size=4", "data.val_batch_size=8",
+QUICK = ["task=lm",
+         "model.d_model=32", "model.n_layers=1", "task.segment_len=32", "data.batch_size=4", "data.val_batch_size=8",
          "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
          "trainer.log_every_n_steps=1", "task.scheduler.warmup_steps=2", "callbacks.progress_bar=null",
          "callbacks.model_summary=null"]

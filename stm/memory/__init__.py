@@ -40,6 +40,12 @@ def build_memory(section, backbone) -> Memory:
     if "_target_" in section:  # a single mechanism given directly
         mechanisms = [instantiate(section)]
     else:
+        for name, cfg in section.items():
+            if not hasattr(cfg, "get") or "_target_" not in cfg:
+                raise ValueError(
+                    f"memory.{name} holds options ({cfg}) but no mechanism: memory={name} was not chosen. A preset set "
+                    f"them (e.g. conf/probe_memory/{name}.yaml): pick the mechanism with that preset's group "
+                    f"(probe_memory=...) instead of memory=..., or choose memory={name}")
         mechanisms = [instantiate(cfg) for cfg in section.values()]
     memory = mechanisms[0] if len(mechanisms) == 1 else ComposedMemory(mechanisms)
     memory.bind(backbone)

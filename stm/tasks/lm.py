@@ -77,6 +77,7 @@ class LanguageModelTask(L.LightningModule):
         self.val_metrics = LanguageModelMetrics()
         self.run_config: dict | None = None  # the resolved run config, stored in every checkpoint
         self.last_val: dict[str, float] = {}
+        self.checkpoint_step = 0  # the training step of the checkpoint the weights came from (eval.py)
         self.lane_states: dict[str, object] = {}  # stream lanes: the memory state carried across batches
 
     def forward(self, batch: dict[str, torch.Tensor]) -> SegmentRun:
@@ -133,7 +134,13 @@ class LanguageModelTask(L.LightningModule):
             "lane_state": state_to_plain(self.lane_states.get("train")),
         }
 
+    @property
+    def trained_steps(self) -> int:
+        """Optimizer steps behind the current weights: the trainer's step while fitting, else the checkpoint's."""
+        return int(self.global_step) or self.checkpoint_step
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.checkpoint_step = int(checkpoint.get("global_step", 0))
         lane_state = checkpoint.get("stm", {}).get("lane_state")
         if lane_state is not None:
             self.lane_states["train"] = state_from_plain(lane_state, self.device)

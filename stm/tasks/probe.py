@@ -226,7 +226,7 @@ class ProbeTask(QuestionAnsweringTask):
             "memory": memory_cfg,
             "val_source": (cfg.get("data") or {}).get("val_source"),  # what was probed: length, vocabularies, ...
             "segment_len": self.segment_len,
-            "step": int(self.global_step),
+            "step": self.trained_steps,
             "seed": cfg.get("seed"),
             "task_name": cfg.get("task_name"),
             "score": metric.scores[0],
