@@ -18,8 +18,10 @@ training step per round, rotating the order, for the same number of warm-up and 
 free memory back to the kernel, so that only one training footprint is resident at a time.
 
 Reported: tokens/s, seconds/step (median), parameter count, peak extra memory (resident-set high-water
-above the worker's size after build), and for each of our mechanisms the ratio of its tokens/s to the
-fastest matching peer.
+above the worker's size after build), the time one step spends inside the matmul and fused-attention kernels
+(one profiled step after the timed ones), and for each of our mechanisms the ratio of its tokens/s to the
+fastest matching peer, with its ceiling: the ratio it would reach if everything outside those kernels were
+free (when the ceiling is below the goal, no rewrite around the same kernels can reach the goal).
 
     python benchmarks/train_speed.py                 # the full run (about 10 minutes on 2 cores)
     python benchmarks/train_speed.py --quick         # a tiny shape, to check that everything runs
@@ -49,6 +51,8 @@ MATCHING_PEERS = {
     "rmt": ("rmt-pytorch",),
 }
 GOAL_RATIO = 1.3
+# the compute kernels every system calls (dense matmuls and SDPA's fused attention, forward and backward)
+KERNEL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 FULL_SHAPE = dict(vocab_size=256, d_model=256, n_layers=6, n_heads=4, segment_len=512, n_segments=4, batch=4,
                   memory_tokens=16, mem_len=512, window=512)
@@ -217,6 +221,20 @@ class TrainSystem:
         self.losses.append(float(loss.detach()))
         return {"seconds": seconds, "loss": self.losses[-1]}
 
+    def profile(self) -> dict:
+        """One more training step under the profiler: the time spent inside the matmul and fused-attention
+        kernels (self time, wall clock of the calling thread), which no rewrite around them can remove."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            self.step()
+        kernels, total = {}, 0.0
+        for event in prof.key_averages():
+            total += event.self_cpu_time_total / 1e6
+            if event.key in KERNEL_OPS or "scaled_dot_product" in event.key or "flash_attention" in event.key:
+                kernels[event.key] = kernels.get(event.key, 0.0) + event.self_cpu_time_total / 1e6
+        return {"kernel_s": sum(kernels.values()), "profiled_step_s": total, "kernels_s": kernels}
+
     def memory(self) -> dict:
         return self.peak.record()
 
@@ -323,6 +341,11 @@ def main(argv=None) -> dict:
             systems[name]["memory"] = worker.call("memory")
         except common.WorkerError as exc:
             systems[name]["memory"] = {"error": str(exc)}
+        try:  # after the memory record: the profiled step may hold more
+            systems[name].update(worker.call("profile"))
+            common.progress(f"profiled {name}: {systems[name]['kernel_s']:.2f} s in matmul/attention kernels")
+        except common.WorkerError as exc:
+            systems[name]["profile_error"] = str(exc)
         worker.close()
 
     for name, rec in systems.items():
@@ -346,6 +369,9 @@ def main(argv=None) -> dict:
             mem_ours, mem_peer = systems[ours]["peak_extra_mib"], systems[fastest]["peak_extra_mib"]
             row.update(fastest_peer=fastest, speed_ratio=ratio, meets_goal=ratio >= GOAL_RATIO,
                        memory_ratio=(mem_ours / mem_peer) if mem_ours and mem_peer else None)
+            if systems[ours].get("kernel_s"):
+                # the ratio ours would reach if everything outside its matmul/attention kernels took no time
+                row["ceiling_ratio"] = systems[fastest]["seconds_per_step"] / systems[ours]["kernel_s"]
         comparisons.append(row)
 
     result = {
@@ -360,7 +386,10 @@ def main(argv=None) -> dict:
                    "interleaved rounds with rotating order, each system's timed step preceded by an untimed one "
                    "(the worker gives its free memory back between turns)",
                    "memory": "peak extra resident memory of the worker over all its steps (high-water minus "
-                   "resident size after build; includes activations, gradients and AdamW state)"},
+                   "resident size after build; includes activations, gradients and AdamW state)",
+                   "kernels": "one more step per system under torch.profiler after the timed rounds: self time of "
+                   + ", ".join(KERNEL_OPS) + " and SDPA's fused attention ops (forward and backward); "
+                   "ceiling_ratio = the fastest peer's s/step / our kernel s/step"},
         "systems": systems,
         "comparisons": comparisons,
         "wall_s": time.perf_counter() - t0,
@@ -369,7 +398,8 @@ def main(argv=None) -> dict:
     common.progress(f"wrote {path} in {result['wall_s']:.0f} s")
     for row in comparisons:
         if "speed_ratio" in row:
-            print(f"{row['ours']:5s} vs {row['fastest_peer']:12s} speed x{row['speed_ratio']:.2f}")
+            ceiling = f", ceiling x{row['ceiling_ratio']:.2f}" if "ceiling_ratio" in row else ""
+            print(f"{row['ours']:5s} vs {row['fastest_peer']:12s} speed x{row['speed_ratio']:.2f}{ceiling}")
     return result
 
 
