@@ -6,6 +6,7 @@
 README sections are replaced only where both markers already exist, e.g.
 
     <!-- bench:train_speed -->  ...  <!-- /bench:train_speed -->
+    <!-- bench:train_speed_bf16 -->  ...  <!-- /bench:train_speed_bf16 -->
     <!-- bench:stream -->       ...  <!-- /bench:stream -->
     <!-- bench:gpu -->          ...  <!-- /bench:gpu -->
 
@@ -28,6 +29,7 @@ import common  # noqa: E402
 
 SECTIONS = {  # README marker name -> (benchmark field, full-size file, small variant)
     "train_speed": ("train_speed", "train_speed.json", "train_speed_quick.json"),
+    "train_speed_bf16": ("train_speed", "train_speed_fp32_bf16.json", "train_speed_quick_fp32_bf16.json"),
     "stream": ("stream_inference", "stream_inference.json", "stream_inference_quick.json"),
     "gpu": ("gpu_check", "gpu_check.json", "gpu_check_smoke.json"),
     "tokenize": ("tokenize_throughput", "tokenize_throughput.json", "tokenize_throughput_quick.json"),
@@ -117,6 +119,11 @@ def render_train_speed(data: dict, small: bool) -> str:
         rows.append([c["ours"], f"{c['fastest_peer']} (of {', '.join(c['peers'])})", f"{c['speed_ratio']:.2f}x",
                      ceiling, "yes" if c["meets_goal"] else "no", fmt(c.get("memory_ratio"), 2)])
     out.append(table(["ours", "fastest matching peer", "speed ratio", "ceiling", "meets goal", "memory ratio"], rows))
+    if data.get("bf16_speedups"):
+        out += ["", "bf16 autocast against float32, the same system side by side in this run (s/step fp32 / s/step "
+                "bf16):", ""]
+        out.append(table(["system", "bf16 speed-up"], [[name, f"{x:.2f}x"] for name, x in
+                                                       data["bf16_speedups"].items()]))
     return "\n".join(out)
 
 
@@ -250,8 +257,8 @@ def render_horizon(data: dict, small: bool) -> str:
             f"Runs that solve the probe (far accuracy >= 99%): {solved or '-'}.")
 
 
-RENDER = {"train_speed": render_train_speed, "stream": render_stream, "gpu": render_gpu,
-          "tokenize": render_tokenize, "tasks": render_tasks, "horizon": render_horizon}
+RENDER = {"train_speed": render_train_speed, "train_speed_bf16": render_train_speed, "stream": render_stream,
+          "gpu": render_gpu, "tokenize": render_tokenize, "tasks": render_tasks, "horizon": render_horizon}
 
 
 def write_readme(readme: Path, sections: dict[str, str]) -> list[str]:

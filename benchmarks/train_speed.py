@@ -25,6 +25,8 @@ free (when the ceiling is below the goal, no rewrite around the same kernels can
 
     python benchmarks/train_speed.py                 # the full run (about 10 minutes on 2 cores)
     python benchmarks/train_speed.py --quick         # a tiny shape, to check that everything runs
+    python benchmarks/train_speed.py --precision fp32,bf16   # each system in both, side by side
+                                                             # (train_speed_fp32_bf16.json)
 """
 
 from __future__ import annotations
@@ -70,13 +72,15 @@ def d_ff_of(d_model: int) -> int:
 class TrainSystem:
     """One system under test, built inside its worker process; `step()` is one optimizer step."""
 
-    def __init__(self, system: str, shape: dict, threads: int, seed: int = 0, lr: float = 3e-4):
+    def __init__(self, system: str, shape: dict, threads: int, seed: int = 0, lr: float = 3e-4,
+                 precision: str = "fp32"):
         warnings.filterwarnings("ignore")
         import torch
 
         common.set_threads(threads)
         torch.manual_seed(seed)
         self.torch, self.system, self.shape = torch, system, shape
+        self.autocast_bf16 = precision == "bf16"  # weights and optimizer stay float32 (mixed precision)
         seq = shape["segment_len"] * shape["n_segments"]
         generator = torch.Generator().manual_seed(1234)  # the same batch for every system
         stream = torch.randint(0, shape["vocab_size"], (shape["batch"], seq + 1), generator=generator)
@@ -213,7 +217,8 @@ class TrainSystem:
 
     def step(self) -> dict:
         start = time.perf_counter()
-        loss = self.run()
+        with self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.autocast_bf16):
+            loss = self.run()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -245,6 +250,11 @@ class TrainSystem:
 
 # -------------------------------------------------------------------------------------------- driver
 
+def system_key(system: str, precision: str) -> str:
+    """How a system is named in the results: `xl` in float32, `xl@bf16` under bf16 autocast."""
+    return system if precision == "fp32" else f"{system}@{precision}"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--systems", default=",".join(OURS + PEERS),
@@ -255,13 +265,20 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=570,
                    help="wall-clock budget; measured steps shrink (never below --min-repeats) to fit it")
     p.add_argument("--threads", type=int, default=2, help="torch threads per worker (default 2)")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 (the goal's setting), bf16 (torch.autocast('cpu', bfloat16), weights and AdamW in "
+                        "float32, as trainer.precision=bf16-mixed), or both: fp32,bf16 (side by side)")
     p.add_argument("--quick", action="store_true", help="tiny shape and 1+2 steps: checks that all runs")
     p.add_argument("--name", default=None, help="result name (default train_speed, or train_speed_quick)")
     p.add_argument("--results-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.min_repeats, args.max_repeats = 1, 2, 2
-    args.name = args.name or ("train_speed_quick" if args.quick else "train_speed")
+    args.precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+    if not args.precisions or set(args.precisions) - {"fp32", "bf16"}:
+        p.error(f"--precision: fp32, bf16 or fp32,bf16, got {args.precision!r}")
+    suffix = "" if args.precisions == ["fp32"] else "_" + "_".join(args.precisions)
+    args.name = args.name or ("train_speed_quick" if args.quick else "train_speed") + suffix
     return args
 
 
@@ -277,14 +294,18 @@ def main(argv=None) -> dict:
     load_before = common.load_average()
 
     workers, systems = {}, {}
-    for name in names:
-        common.progress(f"building {name}")
-        try:
-            workers[name] = common.Worker(TrainSystem, dict(system=name, shape=shape, threads=args.threads), name)
-            systems[name] = {**workers[name].info, "times_s": [], "losses": []}
-        except common.WorkerError as exc:
-            systems[name] = {"error": str(exc)}
-            common.progress(f"{name} failed to build: {str(exc).splitlines()[0]}")
+    for precision in args.precisions:
+        for system in names:
+            name = system_key(system, precision)
+            common.progress(f"building {name}")
+            try:
+                workers[name] = common.Worker(TrainSystem, dict(system=system, shape=shape, threads=args.threads,
+                                                                precision=precision), name)
+                systems[name] = {**workers[name].info, "times_s": [], "losses": []}
+            except common.WorkerError as exc:
+                systems[name] = {"error": str(exc)}
+                common.progress(f"{name} failed to build: {str(exc).splitlines()[0]}")
+            systems[name].update(system=system, precision=precision)
 
     def one_step(name):
         try:
@@ -348,8 +369,8 @@ def main(argv=None) -> dict:
             systems[name]["profile_error"] = str(exc)
         worker.close()
 
-    for name, rec in systems.items():
-        rec["family"] = "stm" if name in OURS else "peer"
+    for rec in systems.values():
+        rec["family"] = "stm" if rec["system"] in OURS else "peer"
         if rec.get("times_s"):
             rec["seconds_per_step"] = common.median(rec["times_s"])
             rec["tokens_per_s"] = rec["tokens_per_step"] / rec["seconds_per_step"]
@@ -358,11 +379,13 @@ def main(argv=None) -> dict:
         rec["peak_extra_mib"] = common.mib(mem.get("peak_extra_bytes"))
 
     comparisons = []
-    for ours in OURS:
+    for precision, base in ((p, o) for p in args.precisions for o in OURS):
+        ours = system_key(base, precision)
         if ours not in systems:
             continue
-        candidates = [p for p in MATCHING_PEERS[ours] if systems.get(p, {}).get("tokens_per_s")]
-        row = {"ours": ours, "peers": list(MATCHING_PEERS[ours]), "goal": GOAL_RATIO}
+        peers = [system_key(p, precision) for p in MATCHING_PEERS[base]]
+        candidates = [p for p in peers if systems.get(p, {}).get("tokens_per_s")]
+        row = {"ours": ours, "peers": peers, "goal": GOAL_RATIO, "precision": precision}
         if candidates and systems[ours].get("tokens_per_s"):
             fastest = max(candidates, key=lambda p: systems[p]["tokens_per_s"])
             ratio = systems[ours]["tokens_per_s"] / systems[fastest]["tokens_per_s"]
@@ -374,13 +397,22 @@ def main(argv=None) -> dict:
                 row["ceiling_ratio"] = systems[fastest]["seconds_per_step"] / systems[ours]["kernel_s"]
         comparisons.append(row)
 
+    # the same system in bf16 against fp32, when both ran (side by side in this run)
+    def step_s(key):
+        return systems.get(key, {}).get("seconds_per_step")
+
+    bf16_speedups = {system: step_s(system) / step_s(system_key(system, "bf16")) for system in names
+                     if step_s(system) and step_s(system_key(system, "bf16"))}
+
     result = {
         "benchmark": "train_speed",
         "command": common.command_line(),
         "environment": common.environment(),
         "load_average_before": load_before,
         "load_average_after": common.load_average(),
-        "config": {**shape, "dtype": "float32", "optimizer": "AdamW(lr=3e-4)", "threads": args.threads,
+        "config": {**shape, "dtype": " and ".join({"fp32": "float32", "bf16": "bf16 autocast (mixed)"}[p]
+                                                    for p in args.precisions),
+                   "optimizer": "AdamW(lr=3e-4)", "threads": args.threads,
                    "tokens_per_sample": shape["segment_len"] * shape["n_segments"], "warmup": args.warmup,
                    "repeats": repeats, "timing": "median of measured steps; one worker process per system; "
                    "interleaved rounds with rotating order, each system's timed step preceded by an untimed one "
@@ -392,6 +424,7 @@ def main(argv=None) -> dict:
                    "ceiling_ratio = the fastest peer's s/step / our kernel s/step"},
         "systems": systems,
         "comparisons": comparisons,
+        "bf16_speedups": bf16_speedups,
         "wall_s": time.perf_counter() - t0,
     }
     path = common.save_result(args.name, result, args.results_dir)
