@@ -48,15 +48,15 @@ def build(section: DictConfig, **kwargs) -> Any:
         return instantiate(section, **kwargs)
 
 
-def check_task_fits_data(cfg: DictConfig, datamodule) -> None:
+def check_task_fits_data(cfg: DictConfig) -> None:
     """A context -> target task needs examples with targets (language modelling reads either kind)."""
     from hydra.utils import get_class
 
     from stm.data.conditional import ConditionalDataModule
     from stm.tasks import ConditionalLMTask
 
-    if issubclass(get_class(cfg.task._target_), ConditionalLMTask) and not isinstance(datamodule,
-                                                                                      ConditionalDataModule):
+    task_class, data_class = get_class(cfg.task._target_), get_class(cfg.data._target_)
+    if issubclass(task_class, ConditionalLMTask) and not issubclass(data_class, ConditionalDataModule):
         raise ConfigError(f"task: {cfg.task._target_} needs context -> target examples, but data: "
                           f"{cfg.data._target_} gives plain text; choose a data config of examples (probe_recall, "
                           f"probe_babilong, conditional, *_sample), or task=lm")
@@ -64,9 +64,9 @@ def check_task_fits_data(cfg: DictConfig, datamodule) -> None:
 
 def build_components(cfg: DictConfig) -> dict[str, Any]:
     """tokenizer, datamodule, model, memory and task, built from the config in that order."""
+    check_task_fits_data(cfg)
     tokenizer = build(cfg.tokenizer)
     datamodule = build(cfg.data, tokenizer=tokenizer)
-    check_task_fits_data(cfg, datamodule)
     vocab_size = cfg.model.get("vocab_size") or tokenizer.vocab_size
     if vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
