@@ -70,8 +70,9 @@ class SegmentDecoder:
         if past_mask is not None:
             ones = torch.ones(past_mask.shape[0], segment[0][0].shape[2], dtype=torch.bool, device=past_mask.device)
             past_mask = torch.cat([past_mask.bool(), ones], dim=1)
-        return SegmentExtras(past_key_values=past, past_mask=past_mask, window=e.window, n_sink=e.n_sink,
-                             n_cached_prefix=e.n_prefix, prefix_start=e.n_past)
+        # everything else the memory supplied (window, sinks, layer memory) stays as it was
+        return replace(e, prefix=None, suffix=None, past_key_values=past, past_mask=past_mask,
+                       n_cached_prefix=e.n_prefix, prefix_start=e.n_past)
 
     @torch.no_grad()
     def append(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ each segment sees of the ones before it (`stm.memory.base`). The same loop serve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,14 @@ class SegmentRun:
     n_tokens:  number of labels that count (a 0-dim tensor).
     logits:    (B, T, V) when requested, else None.
     state:     the memory state after the last segment.
+    aux_losses: the memory's auxiliary losses by name (`Memory.auxiliary_losses`), each summed over segments.
     """
 
     token_nll: torch.Tensor | None
     n_tokens: torch.Tensor | None
     state: State
     logits: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def nll_sum(self) -> torch.Tensor:
@@ -91,7 +93,7 @@ def run_segments(
         state = memory.init_state(B, input_ids.device)
     bounds = segment_bounds(T, segment_len if memory.segmented else None)
 
-    nll_parts, logit_parts = [], []
+    nll_parts, logit_parts, aux_losses = [], [], {}
     for k, (start, end) in enumerate(bounds):
         segment_mask = attention_mask[:, start:end] if attention_mask is not None else None
         segment_labels = labels[:, start:end] if labels is not None else None
@@ -104,6 +106,8 @@ def run_segments(
             nll_parts.append(nll)
         if return_logits:
             logit_parts.append(outputs.logits)
+        for name, value in memory.auxiliary_losses(state, outputs).items():
+            aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
         state = memory.update(state, outputs)
         if bptt_depth is not None and (k + 1) % bptt_depth == 0:
             state = memory.detach(state)
@@ -113,7 +117,7 @@ def run_segments(
         token_nll = torch.cat(nll_parts, dim=1)
         n_tokens = (labels != IGNORE_INDEX).sum()
     logits = torch.cat(logit_parts, dim=1) if return_logits else None
-    return SegmentRun(token_nll=token_nll, n_tokens=n_tokens, state=state, logits=logits)
+    return SegmentRun(token_nll=token_nll, n_tokens=n_tokens, state=state, logits=logits, aux_losses=aux_losses)
 
 
 def _read_segment(model, input_ids, attention_mask, extras, labels):

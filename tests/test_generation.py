@@ -7,6 +7,7 @@ import torch
 
 from stm.generation import SegmentDecoder, generate, sample_next
 from stm.memory import (
+    AssociativeMemory,
     ComposedMemory,
     FullAttention,
     NoMemory,
@@ -24,6 +25,8 @@ MECHANISMS = {
     "swa": lambda: SlidingWindow(window=5, sink_tokens=1),
     "rmt+swa": lambda: ComposedMemory([RecurrentMemoryTokens(num_memory_tokens=2), SlidingWindow(window=4)]),
     "rmt+xl": lambda: ComposedMemory([RecurrentMemoryTokens(num_memory_tokens=2), SegmentRecurrence(mem_len=5)]),
+    "armt": lambda: AssociativeMemory(num_memory_tokens=3, key_dim=8),
+    "armt+swa": lambda: ComposedMemory([AssociativeMemory(num_memory_tokens=2, key_dim=8), SlidingWindow(window=4)]),
 }
 
 
@@ -32,9 +35,9 @@ def make(name, seed=0, vocab=50):
     model = Transformer(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, tie_embeddings=False).eval()
     memory = MECHANISMS[name]()
     memory.bind(model)
-    if isinstance(memory, (RecurrentMemoryTokens, ComposedMemory)):  # non-trivial memory tokens
-        for p in memory.parameters():
-            torch.nn.init.normal_(p, std=1.0)
+    if isinstance(memory, (RecurrentMemoryTokens, AssociativeMemory, ComposedMemory)):  # non-trivial memory
+        for name, p in memory.named_parameters():  # memory tokens at scale 1, associative projections smaller
+            torch.nn.init.normal_(p, std=1.0 if name.endswith("initial_memory") else 0.3)
     return model, memory.eval()
 
 

@@ -16,7 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from stm.memory import ComposedMemory, FullAttention, NoMemory, RecurrentMemoryTokens, SegmentRecurrence, SlidingWindow
+from stm.memory import (
+    AssociativeMemory,
+    ComposedMemory,
+    FullAttention,
+    NoMemory,
+    RecurrentMemoryTokens,
+    SegmentRecurrence,
+    SlidingWindow,
+)
 from stm.memory.base import SegmentExtras
 from stm.models.hf import HFCausalLM
 from stm.segments import generate, run_segments
@@ -240,7 +248,20 @@ MECHANISMS = {
                                        SlidingWindow(window=9, sink_tokens=2)]),
     "rmt+xl": lambda: ComposedMemory([RecurrentMemoryTokens(num_memory_tokens=3, init_std=1.0),
                                       SegmentRecurrence(mem_len=12)]),
+    "armt": lambda: AssociativeMemory(num_memory_tokens=4, key_dim=8, init_std=1.0),
+    "armt+swa": lambda: ComposedMemory([AssociativeMemory(num_memory_tokens=3, key_dim=8, layers=[-1], init_std=1.0),
+                                        SlidingWindow(window=9, sink_tokens=2)]),
 }
+
+
+def strong_associative_memory(memory):
+    """Associative projections large enough that a dropped read or write would show in the logits."""
+    for m in [memory, *getattr(memory, "mechanisms", [])]:
+        if isinstance(m, AssociativeMemory):
+            with torch.no_grad():
+                for layer in m.layers:
+                    for p in layer.parameters():
+                        p.normal_(0.0, 0.3)
 
 
 @pytest.mark.parametrize("mechanism", list(MECHANISMS))
@@ -250,6 +271,7 @@ def test_every_mechanism_matches_stms_own_transformer(twins, stream, mechanism):
     torch.manual_seed(0)
     memory = MECHANISMS[mechanism]()
     memory.bind(ref)  # one module (one initial memory) for both backbones
+    strong_associative_memory(memory)
     mask = torch.ones_like(stream, dtype=torch.bool)
     mask[1, 2 * SEG + 5:] = False
     expected = stream_logits(ref, memory, stream, attention_mask=mask)
@@ -267,6 +289,7 @@ def test_cached_decoding_on_hf_equals_rereading_and_stms_transformer(twins, stre
     torch.manual_seed(0)
     memory = MECHANISMS[mechanism]()
     memory.bind(ref)
+    strong_associative_memory(memory)
     ctx = stream[:, :2 * SEG + 3]
     cached = SegmentDecoder(hf, memory, ctx, segment_len=SEG, use_cache=True)
     plain = SegmentDecoder(hf, memory, ctx, segment_len=SEG, use_cache=False)
@@ -277,6 +300,26 @@ def test_cached_decoding_on_hf_equals_rereading_and_stms_transformer(twins, stre
         close(cached.logits, own.logits)
         for decoder in (cached, plain, own):
             decoder.append(token)
+
+
+def test_armt_on_hf_reads_its_memory_like_stms_transformer(twins, stream):
+    """The associative read changes the logits (so the twin comparison above sees it), equally on both."""
+    ref, hf = twins
+    torch.manual_seed(0)
+    on, off = AssociativeMemory(num_memory_tokens=4, key_dim=8), AssociativeMemory(num_memory_tokens=4, key_dim=8,
+                                                                                   read=False)
+    on.bind(ref)
+    strong_associative_memory(on)
+    off.bind(ref)
+    off.load_state_dict(on.state_dict())
+    differ(stream_logits(hf, on, stream), stream_logits(hf, off, stream))
+    close(stream_logits(hf, on, stream), stream_logits(ref, on, stream))
+    def hooks():  # transformers keeps hooks of its own (output capture); stm's must be gone after each call
+        return [(dict(layer._forward_pre_hooks), dict(layer._forward_hooks)) for layer in hf.decoder_layers]
+
+    names, before = {n for n, _ in hf.named_parameters()}, hooks()
+    stream_logits(hf, on, stream)
+    assert {n for n, _ in hf.named_parameters()} == names and hooks() == before  # the model is left as it was
 
 
 # --- (f) errors name what is wrong
@@ -370,3 +413,30 @@ def test_smollm2_zero_shot_perplexity_with_memory(smollm2):
     assert ppl["xl"] < ppl["none"] and ppl["swa"] < ppl["none"]
     assert abs(ppl["xl"] / ppl["full"] - 1) < 0.05
     assert abs(ppl["swa"] / ppl["full"] - 1) < 0.05
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_trains_under_armt_through_its_decoder_layers(smollm2):
+    """ARMT on a real Llama-family model: the read enters every decoder layer (read off = rmt, exactly), and a
+    loss on the last segment reaches the associative projections of the first one through the memory."""
+    model, tokenizer = smollm2
+    ids = torch.tensor([tokenizer.encode(PERSUASION.read_text(encoding="utf-8")[:2_000])[:96]])
+    torch.manual_seed(0)
+    on = AssociativeMemory(num_memory_tokens=4, key_dim=16)
+    on.bind(model)
+    off = AssociativeMemory(num_memory_tokens=4, key_dim=16, read=False)
+    off.bind(model)
+    off.load_state_dict(on.state_dict())
+    rmt = RecurrentMemoryTokens(num_memory_tokens=4)
+    rmt.bind(model)
+    rmt.initial_memory.data.copy_(on.tokens.initial_memory)
+    assert len(on.layers) == model.n_layers == 30
+    close(stream_logits(model, off, ids, segment_len=32), stream_logits(model, rmt, ids, segment_len=32))
+    labels = torch.full_like(ids, -100)
+    labels[:, -31:] = ids[:, -31:]
+    loss = run_segments(model, on, ids[:, :-1], labels=labels[:, 1:], segment_len=32).loss
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert on.layers[0].key.weight.grad.abs().sum() > 0 and on.layers[0].query.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)

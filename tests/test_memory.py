@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stm.memory import (
+    AssociativeMemory,
     ComposedMemory,
     FullAttention,
     NoMemory,
@@ -223,6 +224,11 @@ MECHANISMS = {
     "rmt+swa": lambda m: bound(ComposedMemory([RecurrentMemoryTokens(num_memory_tokens=3), SlidingWindow(7)]), m),
     "rmt+xl": lambda m: bound(ComposedMemory([RecurrentMemoryTokens(num_memory_tokens=3),
                                               SegmentRecurrence(mem_len=10)]), m),
+    "armt": lambda m: bound(AssociativeMemory(num_memory_tokens=3, key_dim=8), m),
+    "armt+swa": lambda m: bound(ComposedMemory([AssociativeMemory(num_memory_tokens=3, key_dim=8),
+                                                SlidingWindow(7)]), m),
+    "armt+xl": lambda m: bound(ComposedMemory([AssociativeMemory(num_memory_tokens=2, key_dim=8),
+                                               SegmentRecurrence(mem_len=10)]), m),
 }
 
 
@@ -271,19 +277,19 @@ def test_composition_errors_are_clear():
         RecurrentMemoryTokens(placement="middle")
 
 
-@pytest.mark.parametrize("name", ["none", "rmt", "xl", "swa"])
+@pytest.mark.parametrize("name", ["none", "rmt", "xl", "swa", "armt", "armt+xl"])
 def test_state_is_flat_in_stream_length(name):
     """Inference state does not grow with the stream: the same size after 4 and after 40 segments."""
+    from stm.memory.base import map_state
+
     model = make_model()
     memory = MECHANISMS[name](model)
 
     def state_numel(T):
         state = run_segments(model, memory, fresh_stream(B=1, T=T), segment_len=8).state
-        if state is None:
-            return 0
-        if isinstance(state, torch.Tensor):
-            return state.numel()
-        return sum(k.numel() for k in state.keys) + (state.mask.numel() if state.mask is not None else 0)
+        sizes = []
+        map_state(state, lambda t: sizes.append(t.numel()))
+        return sum(sizes)
 
     with torch.no_grad():
         assert state_numel(32) == state_numel(320)
@@ -298,7 +304,7 @@ def test_generation_with_xl_covering_history_equals_full():
     torch.testing.assert_close(c, b)
 
 
-@pytest.mark.parametrize("name", ["none", "rmt", "xl", "swa", "rmt+swa"])
+@pytest.mark.parametrize("name", ["none", "rmt", "xl", "swa", "rmt+swa", "armt+xl"])
 def test_state_survives_a_checkpoint(name, tmp_path):
     """A carried state stored in a checkpoint (plain containers, weights_only loading) continues identically."""
     from stm.memory.base import state_from_plain, state_to_plain

@@ -1,6 +1,16 @@
 """Pluggable memory mechanisms, one module per mechanism, behind the `Memory` interface."""
 
-from stm.memory.base import BackboneOutput, KeyValues, Memory, SegmentExtras, State, detach_state
+from stm.memory.armt import AssociativeMemory
+from stm.memory.base import (
+    BackboneOutput,
+    KeyValues,
+    LayerMemory,
+    Memory,
+    SegmentExtras,
+    State,
+    detach_state,
+    merge_extras,
+)
 from stm.memory.composed import ComposedMemory
 from stm.memory.full import FullAttention
 from stm.memory.kv_cache import KVCache
@@ -10,11 +20,13 @@ from stm.memory.swa import SlidingWindow
 from stm.memory.xl import SegmentRecurrence
 
 __all__ = [
+    "AssociativeMemory",
     "BackboneOutput",
     "ComposedMemory",
     "FullAttention",
     "KVCache",
     "KeyValues",
+    "LayerMemory",
     "Memory",
     "NoMemory",
     "RecurrentMemoryTokens",
@@ -24,6 +36,7 @@ __all__ = [
     "State",
     "build_memory",
     "detach_state",
+    "merge_extras",
 ]
 
 
@@ -36,7 +49,7 @@ def build_memory(section, backbone) -> Memory:
     from hydra.utils import instantiate
 
     if section is None or len(section) == 0:
-        raise ValueError("memory: no mechanism chosen; use memory=none, full, rmt, xl, swa or a list")
+        raise ValueError("memory: no mechanism chosen; use memory=none, full, rmt, armt, xl, swa or a list")
     if "_target_" in section:  # a single mechanism given directly
         mechanisms = [instantiate(section)]
     else:

@@ -8,14 +8,21 @@ the same module serves training, evaluation, generation, DDP and checkpoint resu
     for segment in segments:
         extras = memory.prepare(state)             # what this segment gets to see
         outputs = backbone(segment, extras=extras)
+        losses = memory.auxiliary_losses(state, outputs)   # optional extra training losses, by name
         state = memory.update(state, outputs)      # what this segment leaves behind
         state = memory.detach(state)               # every `bptt_depth` segments (truncated BPTT)
 
-A backbone understands only `SegmentExtras`; it never knows which mechanism produced them.
+A backbone understands only `SegmentExtras`; it never knows which mechanism produced them. A mechanism can act
+around the segment (memory tokens in `prefix`/`suffix`), on attention (cached `past_key_values`, a `window`), and
+inside every layer (`layer_memory`: a read added to a layer's input, and the layer's outputs handed back in
+`BackboneOutput.layer_outputs` for the mechanism to write from). Several mechanisms at once combine their
+extras with `merge_extras`, the one rule for what two mechanisms may supply together.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +30,55 @@ import torch
 from torch import nn
 
 State = Any
-"""A mechanism's state: None, a tensor, or a (nested) tuple/list/dict of tensors."""
+"""A mechanism's state: None, a tensor, or (nested) tuples, lists, dicts and dataclasses of tensors."""
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
 """Per layer, (keys, values), each (B, H, T, head_dim). Keys are stored *before* rotary embedding."""
+
+
+class LayerMemory:
+    """Per-layer access to a mechanism's state during one segment's forward pass.
+
+    A backbone with `n_layers` layers does, for each layer i:
+
+        delta = layer_memory.read(i, hidden)        # hidden: (B, L, D), the layer's input, L = P + T + S
+        if delta is not None: hidden = hidden + delta
+        hidden = layer(hidden)
+        if i in layer_memory.write_layers: outputs.layer_outputs[i] = hidden   # (B, L, D)
+
+    The mechanism builds one in `prepare` from its state (reads only, no side effects) and writes its new state
+    in `update` from `BackboneOutput.layer_outputs`. Subclasses override `read` and set `write_layers`.
+    """
+
+    write_layers: frozenset[int] = frozenset()
+
+    def read(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """What to add to layer `layer`'s input `hidden` (B, L, D): a (B, L, D) tensor, or None for nothing."""
+        return None
+
+
+class LayerMemories(LayerMemory):
+    """Several mechanisms' layer memories at once: reads add up, writes collect the union of layers."""
+
+    def __init__(self, parts: list[LayerMemory]):
+        self.parts = list(parts)
+        self.write_layers = frozenset().union(*(p.write_layers for p in self.parts))
+
+    def read(self, layer, hidden):
+        total = None
+        for part in self.parts:
+            delta = part.read(layer, hidden)
+            if delta is not None:
+                total = delta if total is None else total + delta
+        return total
+
+
+def read_layer_memory(extras: SegmentExtras, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """A layer's input with the extras' layer memory read into it (unchanged without one)."""
+    if extras.layer_memory is None:
+        return hidden
+    delta = extras.layer_memory.read(layer, hidden)
+    return hidden if delta is None else hidden + delta.to(hidden.dtype)
 
 
 @dataclass
@@ -44,6 +96,7 @@ class SegmentExtras:
                      are already in `past_key_values` (the last ones); its `n_cached_prefix` memory tokens
                      start at key position `prefix_start`. They stay visible under a window like `prefix`.
     prefix_start:    see `n_cached_prefix`; None when the segment is read whole (no part of it is cached).
+    layer_memory:    per-layer reads (and which layers' outputs to hand back), see `LayerMemory`.
     """
 
     prefix: torch.Tensor | None = None
@@ -54,6 +107,7 @@ class SegmentExtras:
     n_sink: int = 0
     n_cached_prefix: int = 0
     prefix_start: int | None = None
+    layer_memory: LayerMemory | None = None
 
     @property
     def memory_start(self) -> int:
@@ -88,6 +142,8 @@ class BackboneOutput:
                          segment's own keys and values, for mechanisms that cache them.
     attention_mask:      (B, T) bool, True at real (non-padding) segment tokens; None means all real.
     n_prefix, n_suffix:  how many prefix / suffix positions `hidden_states` and `present_key_values` hold.
+    layer_outputs:       {layer: (B, P + T + S, D)} the outputs of the layers in `extras.layer_memory.write_layers`
+                         (before the final norm); empty without a layer memory.
     """
 
     logits: torch.Tensor
@@ -96,6 +152,56 @@ class BackboneOutput:
     attention_mask: torch.Tensor | None = None
     n_prefix: int = 0
     n_suffix: int = 0
+    layer_outputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def _one_of(name):
+    def merge(a, b):
+        if a is not None and b is not None:
+            raise ValueError(f"memory: two composed mechanisms both supply {name}; compose at most one of them")
+        return a if a is not None else b
+    return merge
+
+
+def _merge_cache(a: SegmentExtras, b: SegmentExtras) -> dict:
+    if a.past_key_values is not None and b.past_key_values is not None:
+        raise ValueError("memory: two composed mechanisms both supply cached keys/values (past_key_values); "
+                         "compose at most one of them")
+    src = a if a.past_key_values is not None else b
+    return {"past_key_values": src.past_key_values, "past_mask": src.past_mask}
+
+
+def _merge_layer_memory(a, b):
+    if a is None or b is None:
+        return a if b is None else b
+    parts = [*(a.parts if isinstance(a, LayerMemories) else [a]), *(b.parts if isinstance(b, LayerMemories) else [b])]
+    return LayerMemories(parts)
+
+
+def _min_window(a, b):
+    return a if b is None else b if a is None else min(a, b)
+
+
+# How two mechanisms' extras combine, field by field. Every field of SegmentExtras has a rule here (tested), so a
+# new field cannot be dropped silently by composition or by cached decoding.
+_MERGE_RULES = {
+    "prefix": _one_of("memory tokens before the segment (prefix)"),
+    "suffix": _one_of("memory tokens after the segment (suffix)"),
+    "window": _min_window,                  # the narrowest window
+    "n_sink": max,                          # sinks belong to the one cache (or window) that has them
+    "n_cached_prefix": max,                 # set only by the decoder
+    "prefix_start": _one_of("prefix_start"),
+    "layer_memory": _merge_layer_memory,    # reads add up
+}
+_MERGED_TOGETHER = {"past_key_values", "past_mask"}  # the cache and its padding mask come from one mechanism
+
+
+def merge_extras(a: SegmentExtras, b: SegmentExtras) -> SegmentExtras:
+    """The extras of two mechanisms at once: memory tokens and cached keys/values each from at most one of them
+    (an error names the clash), the narrowest window, layer memories read together."""
+    merged = {name: rule(getattr(a, name), getattr(b, name)) for name, rule in _MERGE_RULES.items()}
+    merged.update(_merge_cache(a, b))
+    return SegmentExtras(**merged)
 
 
 class Memory(nn.Module):
@@ -123,29 +229,26 @@ class Memory(nn.Module):
         """The state after a segment, given what the backbone produced for it."""
         return state
 
+    def auxiliary_losses(self, state: State, outputs: BackboneOutput) -> dict[str, torch.Tensor]:
+        """Extra training losses of this segment, by name (0-dim tensors), given the state it started from.
+
+        The segment loop sums each over the segments (`SegmentRun.aux_losses`); tasks add them to the loss and
+        log them as `train/aux/<name>`. None by default."""
+        return {}
+
     def detach(self, state: State) -> State:
         """Cut the autograd graph behind the state (truncated backpropagation through time)."""
         return detach_state(state)
 
 
 def detach_state(state: State) -> State:
-    """Detach every tensor in a (nested) state."""
-    if state is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, (list, tuple)):
-        return type(state)(detach_state(s) for s in state)
-    if isinstance(state, dict):
-        return {k: detach_state(v) for k, v in state.items()}
-    raise TypeError(f"cannot detach a memory state of type {type(state).__name__}")
+    """Detach every tensor in a (nested) state: tensors, lists, tuples, dicts and dataclasses."""
+    return map_state(state, torch.Tensor.detach)
 
 
 def map_state(state: State, fn) -> State:
     """Apply `fn` to every tensor of a (nested) state: tensors, lists, tuples, dicts and dataclasses (KVCache);
     other values (ints, None) pass through."""
-    import dataclasses
-
     if isinstance(state, torch.Tensor):
         return fn(state)
     if dataclasses.is_dataclass(state) and not isinstance(state, type):
@@ -166,16 +269,15 @@ def select_rows(state: State, rows: torch.Tensor) -> State:
 def state_to_plain(state: State):
     """A memory state as plain containers and tensors (moved to CPU), safe to store in a checkpoint.
 
-    Dataclass states (such as `KVCache`) become {"__state__": class name, field: value, ...}."""
-    import dataclasses
-
+    A dataclass state becomes {"__state__": "module:QualName", field: value, ...}; a tuple {"__tuple__": [...]}.
+    """
     if state is None or isinstance(state, (int, float, str, bool)):
         return state
     if isinstance(state, torch.Tensor):
         return state.detach().cpu()
-    if dataclasses.is_dataclass(state):
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
         plain = {f.name: state_to_plain(getattr(state, f.name)) for f in dataclasses.fields(state)}
-        return {"__state__": type(state).__name__, **plain}
+        return {"__state__": f"{type(state).__module__}:{type(state).__qualname__}", **plain}
     if isinstance(state, (list, tuple)):
         return [state_to_plain(s) for s in state] if isinstance(state, list) else \
             {"__tuple__": [state_to_plain(s) for s in state]}
@@ -184,11 +286,27 @@ def state_to_plain(state: State):
     raise TypeError(f"cannot store a memory state of type {type(state).__name__} in a checkpoint")
 
 
+def _state_class(name: str) -> type:
+    """The dataclass a stored state names. Only classes of modules that are already imported (the mechanisms in
+    use import theirs) are accepted, and only dataclasses: restoring a state never imports or runs code."""
+    if ":" in name:
+        module_name, qualname = name.split(":", 1)
+        candidates = [sys.modules.get(module_name)]
+    else:  # checkpoints before module-qualified names stored the bare class name of an stm state
+        qualname = name
+        candidates = [m for n, m in list(sys.modules.items()) if n.startswith("stm.memory.")]
+    for module in candidates:
+        obj = module
+        for part in qualname.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, type) and dataclasses.is_dataclass(obj):
+            return obj
+    raise TypeError(f"a stored memory state names the class {name!r}, which is not a dataclass of a loaded memory "
+                    f"module; build the memory mechanism (memory=...) before restoring its state")
+
+
 def state_from_plain(plain, device=None) -> State:
     """The inverse of `state_to_plain`, tensors moved to `device`."""
-    from stm.memory.kv_cache import KVCache
-
-    kinds = {"KVCache": KVCache}
     if plain is None or isinstance(plain, (int, float, str, bool)):
         return plain
     if isinstance(plain, torch.Tensor):
@@ -200,6 +318,6 @@ def state_from_plain(plain, device=None) -> State:
             return tuple(state_from_plain(p, device) for p in plain["__tuple__"])
         if "__state__" in plain:
             fields = {k: state_from_plain(v, device) for k, v in plain.items() if k != "__state__"}
-            return kinds[plain["__state__"]](**fields)
+            return _state_class(plain["__state__"])(**fields)
         return {k: state_from_plain(v, device) for k, v in plain.items()}
     raise TypeError(f"cannot restore a memory state from {type(plain).__name__}")

@@ -1,16 +1,15 @@
 """Several mechanisms at once (`memory=[rmt,swa]`, `memory=[rmt,xl]`): their extras are merged.
 
 Memory tokens (prefix/suffix) come from one mechanism and cached keys/values from another; at most one of
-them may supply each. The window is the narrowest of those given.
+them may supply each; layer memories read together; the window is the narrowest of those given
+(`stm.memory.base.merge_extras`, the one merge rule). Auxiliary losses of all of them count, each under its name.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from torch import nn
 
-from stm.memory.base import BackboneOutput, Memory, SegmentExtras
+from stm.memory.base import BackboneOutput, Memory, SegmentExtras, merge_extras
 
 
 class ComposedMemory(Memory):
@@ -41,20 +40,20 @@ class ComposedMemory(Memory):
     def prepare(self, state) -> SegmentExtras:
         merged = SegmentExtras()
         for m, s in zip(self.mechanisms, state):
-            e = m.prepare(s)
-            if e.prefix is not None or e.suffix is not None:
-                if merged.prefix is not None or merged.suffix is not None:
-                    raise ValueError("memory: two composed mechanisms both add memory tokens")
-                merged = replace(merged, prefix=e.prefix, suffix=e.suffix)
-            if e.past_key_values is not None:
-                merged = replace(merged, past_key_values=e.past_key_values, past_mask=e.past_mask, n_sink=e.n_sink)
-            if e.window is not None:
-                merged = replace(merged, window=e.window if merged.window is None else min(merged.window, e.window))
-                merged = replace(merged, n_sink=e.n_sink)
+            merged = merge_extras(merged, m.prepare(s))
         return merged
 
     def update(self, state, outputs: BackboneOutput):
         return tuple(m.update(s, outputs) for m, s in zip(self.mechanisms, state))
+
+    def auxiliary_losses(self, state, outputs: BackboneOutput):
+        losses = {}
+        for m, s in zip(self.mechanisms, state):
+            for name, value in m.auxiliary_losses(s, outputs).items():
+                if name in losses:
+                    raise ValueError(f"memory: two composed mechanisms both report an auxiliary loss {name!r}")
+                losses[name] = value
+        return losses
 
     def detach(self, state):
         return tuple(m.detach(s) for m, s in zip(self.mechanisms, state))

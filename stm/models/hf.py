@@ -8,7 +8,10 @@ and maps each part of it onto inputs that transformers already understands:
                    segment's own keys/values, which become `present_key_values`);
 - window, attention sinks, padding: the 4D mask of `stm.models.attention.build_attention_mask`, which
                    transformers uses as given (a bool mask for sdpa, an additive float mask for eager);
-- positions:       local, `position_ids` = T_past .. T_past + L - 1 (the cache sits at 0 .. T_past - 1).
+- positions:       local, `position_ids` = T_past .. T_past + L - 1 (the cache sits at 0 .. T_past - 1);
+- layer memory:    hooks on the decoder layers, registered for the one forward call and removed after it: a
+                   pre-hook adds the memory's read to a layer's input, a hook keeps the layer's output
+                   (`BackboneOutput.layer_outputs`). The model's modules and parameter names stay untouched.
 
 Unrotated keys. stm caches keys *before* rotary so that positions can be re-based every segment;
 transformers caches them *after*. With a rotary model (Llama, Mistral, Qwen2, SmolLM2, ...) the past keys
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stm.memory.base import BackboneOutput, SegmentExtras
+from stm.memory.base import BackboneOutput, SegmentExtras, read_layer_memory
 from stm.models.attention import build_attention_mask, segment_key_padding, with_memory_tokens
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -162,6 +165,37 @@ class HFCausalLM(nn.Module):
         positions = torch.arange(n_positions, device=device)[None]
         return self.rotary(torch.empty(0, device=device, dtype=torch.float32), positions)
 
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The model's decoder layers, in order (Llama family: `model.layers`; GPT-2: `transformer.h`)."""
+        base = self.model.base_model
+        for name in ("layers", "h", "decoder.layers"):
+            obj = base
+            for part in name.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, nn.ModuleList):
+                return obj
+        raise TypeError(f"{type(self.model).__name__}: cannot find its decoder layers (looked for base_model.layers "
+                        f"and base_model.h), which a per-layer memory (e.g. memory=armt) needs")
+
+    def _layer_memory_hooks(self, extras: SegmentExtras, layer_outputs: dict) -> list:
+        """Hooks that read the extras' layer memory into each decoder layer's input and keep the outputs of the
+        layers it writes from; returns their handles (remove them after the forward)."""
+        handles = []
+        for i, layer in enumerate(self.decoder_layers):
+            def read(module, args, kwargs, i=i):
+                if args:
+                    return (read_layer_memory(extras, i, args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": read_layer_memory(extras, i, kwargs["hidden_states"])}
+
+            def keep(module, args, kwargs, output, i=i):
+                layer_outputs[i] = output[0] if isinstance(output, tuple) else output
+
+            handles.append(layer.register_forward_pre_hook(read, with_kwargs=True))
+            if i in extras.layer_memory.write_layers:
+                handles.append(layer.register_forward_hook(keep, with_kwargs=True))
+        return handles
+
     def _model_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """stm's bool mask (True: may attend) as the attention implementation wants it."""
         if mask is None or self.model.config._attn_implementation == "sdpa":
@@ -199,15 +233,21 @@ class HFCausalLM(nn.Module):
                 k = rotate(k, cos[:, :n_past], sin[:, :n_past])
             cache.update(k, v.to(x.dtype), i)
 
-        out = self.model(
-            inputs_embeds=x,
-            attention_mask=self._model_mask(mask, x.dtype),
-            position_ids=torch.arange(n_past, n_past + L, device=x.device)[None],
-            use_cache=True,
-            output_hidden_states=True,
-            return_dict=True,
-            **{self._cache_arg: cache},
-        )
+        layer_outputs = {}
+        hooks = self._layer_memory_hooks(extras, layer_outputs) if extras.layer_memory is not None else []
+        try:
+            out = self.model(
+                inputs_embeds=x,
+                attention_mask=self._model_mask(mask, x.dtype),
+                position_ids=torch.arange(n_past, n_past + L, device=x.device)[None],
+                use_cache=True,
+                output_hidden_states=True,
+                return_dict=True,
+                **{self._cache_arg: cache},
+            )
+        finally:
+            for handle in hooks:
+                handle.remove()
 
         presents = []
         for layer in cache.layers:
@@ -222,6 +262,7 @@ class HFCausalLM(nn.Module):
             attention_mask=attention_mask.bool() if attention_mask is not None else None,
             n_prefix=P,
             n_suffix=S,
+            layer_outputs=layer_outputs,
         )
 
     def extra_repr(self) -> str:

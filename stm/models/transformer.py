@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stm.memory.base import BackboneOutput, SegmentExtras
+from stm.memory.base import BackboneOutput, SegmentExtras, read_layer_memory
 from stm.models.attention import (
     BandedLayout,
     apply_rotary,
@@ -218,11 +218,15 @@ class Transformer(nn.Module):
             )
         cos, sin = rotary_cos_sin(n_past + L, self.config.head_dim, self.config.rope_base, x.device, x.dtype)
 
-        presents = []
+        presents, layer_outputs = [], {}
         past = extras.past_key_values
+        write_layers = extras.layer_memory.write_layers if extras.layer_memory is not None else ()
         for i, block in enumerate(self.blocks):
+            x = read_layer_memory(extras, i, x)
             x, present = block(x, cos, sin, mask, past[i] if past else None)
             presents.append(present)
+            if i in write_layers:
+                layer_outputs[i] = x
         hidden = self.norm(x)
         logits = self.lm_head(hidden[:, P:P + T])
         return BackboneOutput(
@@ -232,4 +236,5 @@ class Transformer(nn.Module):
             attention_mask=attention_mask.bool() if attention_mask is not None else None,
             n_prefix=P,
             n_suffix=S,
+            layer_outputs=layer_outputs,
         )

@@ -94,7 +94,7 @@ class ConditionalLMTask(LanguageModelTask):
             context_loss = (run.token_nll * context).sum() / context.sum()
             self.log("train/context_loss", context_loss)
             loss = loss + self.context_loss_weight * context_loss
-        return loss
+        return self.with_aux_losses(loss, run)
 
     # ---------------------------------------------------------------------------------------------- validation
 

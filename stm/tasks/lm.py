@@ -105,6 +105,14 @@ class LanguageModelTask(L.LightningModule):
         n_bytes = batch["label_bytes"].sum()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/bpb", run.nll_sum.detach() / LN2 / n_bytes.clamp(min=1))
+        return self.with_aux_losses(loss, run)
+
+    def with_aux_losses(self, loss: torch.Tensor, run: SegmentRun) -> torch.Tensor:
+        """The training loss plus the memory's auxiliary losses (`Memory.auxiliary_losses`), each logged as
+        `train/aux/<name>`."""
+        for name, value in run.aux_losses.items():
+            self.log(f"train/aux/{name}", value)
+            loss = loss + value
         return loss
 
     def validation_step(self, batch, batch_idx):

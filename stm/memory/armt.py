@@ -1,0 +1,199 @@
+"""`memory=armt`: associative recurrent memory (Rodkin et al. 2024, "Associative Recurrent Memory Transformer").
+
+Recurrent memory tokens as in `memory=rmt`, plus, in every chosen layer, an associative matrix that the memory
+tokens write to at the end of a segment and that every token of the next segments reads from:
+
+    read (before layer l, every position):   q = phi(W_q h)               h: the layer's input (B, L, D)
+                                             h <- h + (q A) / (q . z)
+    write (after layer l, memory tokens):    k = phi(W_k m), v = W_v m    m: the layer's output at the M write tokens
+                                             beta = sigmoid(W_b m)
+                                             v_old = (k A) / (k . z)                   what A returns for k now
+                                             A <- A + k^T (beta * (v - v_old))         the delta rule
+                                             z <- z + sum_m c_m k_m,  c = clip(1 - (k . z) / |k|^2, 0, 1)
+
+phi is the DPFP feature map (Schlag et al. 2021) of order `nu`, followed by L2 normalisation. The delta rule
+overwrites: a key written twice holds only its newer value, and the normaliser z grows only by the part of a
+key that is new (`c`), so a rewritten key keeps reading back at scale 1. All M write tokens of a segment are
+written at once, each against the matrix as the previous segments left it.
+
+The state (`AssociativeState`: the memory tokens, and per layer A (B, F, D) and z (B, F), F = 2 * key_dim * nu)
+has a fixed size however long the stream is, and stays in the autograd graph for `bptt_depth` segments like
+rmt's tokens. With `read: false` the matrices are written but never read: the mechanism is exactly rmt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stm.memory.base import BackboneOutput, LayerMemory, Memory, SegmentExtras
+from stm.memory.rmt import RecurrentMemoryTokens
+
+EPS = 1e-5
+
+
+def dpfp(x: torch.Tensor, nu: int) -> torch.Tensor:
+    """Deterministic parameter-free projection: (..., d) -> (..., 2 * d * nu), non-negative.
+
+    [relu(x), relu(-x)] times itself rolled by 1 .. nu positions, concatenated."""
+    x = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
+    return torch.cat([x * x.roll(shifts, dims=-1) for shifts in range(1, nu + 1)], dim=-1)
+
+
+def associative_read(matrix: torch.Tensor, norm: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """What the memory returns for feature queries (B, L, F): (B, L, D), from matrix (B, F, D) and norm (B, F)."""
+    numerator = queries @ matrix
+    denominator = (queries * norm[:, None, :]).sum(-1, keepdim=True) + EPS
+    return numerator / denominator
+
+
+def associative_write(matrix: torch.Tensor, norm: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      beta: torch.Tensor, correction: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delta-rule write of M feature keys (B, M, F) with values (B, M, D) and strengths beta (B, M, 1) at once.
+
+    Returns the new (matrix (B, F, D), norm (B, F)). Each key's value replaces (by `beta`) what the memory
+    returned for that key before this write."""
+    previous = associative_read(matrix, norm, keys)
+    matrix = matrix + keys.transpose(1, 2) @ (beta * (values - previous))
+    if correction:
+        new_part = 1 - (keys * norm[:, None, :]).sum(-1) / keys.pow(2).sum(-1).clamp(min=EPS)
+        coefficient = new_part.clamp(0.0, 1.0)
+    else:
+        coefficient = torch.ones(keys.shape[:2], dtype=keys.dtype, device=keys.device)
+    return matrix, norm + (coefficient[..., None] * keys).sum(1)
+
+
+class AssociativeLayer(nn.Module):
+    """The projections of one layer's associative memory: queries and keys (D -> key_dim, then DPFP of order nu
+    and L2 normalisation), values (D -> D) and the write strength (D -> 1, sigmoid)."""
+
+    def __init__(self, d_model: int, key_dim: int, nu: int, correction: bool = True):
+        super().__init__()
+        self.nu, self.correction = nu, correction
+        self.query = nn.Linear(d_model, key_dim, bias=False)
+        self.key = nn.Linear(d_model, key_dim, bias=False)
+        self.value = nn.Linear(d_model, d_model, bias=False)
+        self.beta = nn.Linear(d_model, 1)
+        for layer in (self.query, self.key, self.value):
+            nn.init.normal_(layer.weight, std=0.02)
+        nn.init.zeros_(self.beta.weight)
+        nn.init.zeros_(self.beta.bias)
+
+    @property
+    def n_features(self) -> int:
+        return 2 * self.query.out_features * self.nu
+
+    def features(self, projection: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(dpfp(projection(hidden), self.nu), dim=-1)
+
+    def read(self, hidden: torch.Tensor, matrix: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """hidden (B, L, D) -> what the memory adds to it (B, L, D)."""
+        hidden = hidden.to(self.query.weight.dtype)
+        return associative_read(matrix, norm, self.features(self.query, hidden))
+
+    def write(self, memory_tokens: torch.Tensor, matrix: torch.Tensor, norm: torch.Tensor):
+        """memory_tokens (B, M, D): the layer's output at the write tokens -> new (matrix, norm)."""
+        memory_tokens = memory_tokens.to(self.key.weight.dtype)
+        keys = self.features(self.key, memory_tokens)
+        beta = torch.sigmoid(self.beta(memory_tokens))
+        return associative_write(matrix, norm, keys, self.value(memory_tokens), beta, self.correction)
+
+
+@dataclass
+class AssociativeState:
+    """memory_tokens: (B, M, D) rmt's memory; matrices: per associative layer A (B, F, D); norms: z (B, F)."""
+
+    memory_tokens: torch.Tensor
+    matrices: list[torch.Tensor]
+    norms: list[torch.Tensor]
+
+
+class AssociativeRead(LayerMemory):
+    """The read side for one segment: layer `i` reads its matrix from `state`; writes come from every associative
+    layer's output."""
+
+    def __init__(self, memory: AssociativeMemory, state: AssociativeState):
+        self.memory, self.state = memory, state
+        self.write_layers = frozenset(memory.layer_ids)
+
+    def read(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        j = self.memory.position.get(layer)
+        if j is None or not self.memory.read_enabled:
+            return None
+        return self.memory.layers[j].read(hidden, self.state.matrices[j], self.state.norms[j])
+
+
+class AssociativeMemory(Memory):
+    """`memory=armt`. Options the paper varies: `num_memory_tokens`, the DPFP order `nu`, which `layers` carry an
+    associative matrix (None: all), and `key_dim` (the width of queries and keys before DPFP)."""
+
+    def __init__(self, num_memory_tokens: int = 8, nu: int = 3, key_dim: int = 32, layers: list[int] | None = None,
+                 read: bool = True, correction: bool = True, placement: str = "read_write",
+                 learned_init: bool = True, init_std: float = 0.02):
+        super().__init__()
+        if num_memory_tokens is None or num_memory_tokens < 1:
+            raise ValueError(f"memory.armt.num_memory_tokens must be >= 1 (the memory is written from them), "
+                             f"got {num_memory_tokens}")
+        if nu is None or nu < 1:
+            raise ValueError(f"memory.armt.nu (the DPFP order) must be >= 1, got {nu}")
+        if key_dim is None or key_dim < 1:
+            raise ValueError(f"memory.armt.key_dim must be >= 1, got {key_dim}")
+        self.tokens = RecurrentMemoryTokens(num_memory_tokens, placement, learned_init, init_std)
+        self.nu, self.key_dim, self.correction, self.read_enabled = nu, key_dim, correction, read
+        self.requested_layers = None if layers is None else [int(i) for i in layers]
+        self.layers = nn.ModuleList()
+        self.layer_ids: list[int] = []
+        self.position: dict[int, int] = {}
+
+    @property
+    def num_memory_tokens(self) -> int:
+        return self.tokens.num_memory_tokens
+
+    def bind(self, backbone: nn.Module) -> None:
+        self.tokens.bind(backbone)
+        n_layers = backbone.n_layers
+        ids = list(range(n_layers)) if self.requested_layers is None else self.requested_layers
+        bad = [i for i in ids if not -n_layers <= i < n_layers]
+        if bad or not ids:
+            raise ValueError(f"memory.armt.layers: {self.requested_layers} must name layers of the model's {n_layers} "
+                             f"(0 .. {n_layers - 1}, or negative from the end), at least one")
+        self.layer_ids = sorted({i % n_layers for i in ids})
+        self.position = {layer: j for j, layer in enumerate(self.layer_ids)}
+        self.layers = nn.ModuleList(AssociativeLayer(backbone.d_model, self.key_dim, self.nu, self.correction)
+                                    for _ in self.layer_ids)
+
+    def init_state(self, batch_size, device) -> AssociativeState:
+        tokens = self.tokens.init_state(batch_size, device)
+        if not self.layers:
+            raise RuntimeError("AssociativeMemory.bind(backbone) must be called before use")
+        dtype = self.layers[0].value.weight.dtype
+        d_model = self.layers[0].value.out_features
+        matrices = [torch.zeros(batch_size, layer.n_features, d_model, device=device, dtype=dtype)
+                    for layer in self.layers]
+        norms = [torch.zeros(batch_size, layer.n_features, device=device, dtype=dtype) for layer in self.layers]
+        return AssociativeState(tokens, matrices, norms)
+
+    def prepare(self, state: AssociativeState) -> SegmentExtras:
+        extras = self.tokens.prepare(state.memory_tokens)
+        extras.layer_memory = AssociativeRead(self, state)
+        return extras
+
+    def update(self, state: AssociativeState, outputs: BackboneOutput) -> AssociativeState:
+        M = self.num_memory_tokens
+        if outputs.n_suffix < M:  # a decoding step without write tokens: nothing is written
+            return state
+        matrices, norms = [], []
+        for j, layer_id in enumerate(self.layer_ids):
+            written = outputs.layer_outputs[layer_id][:, -M:]
+            matrix, norm = self.layers[j].write(written, state.matrices[j], state.norms[j])
+            matrices.append(matrix)
+            norms.append(norm)
+        return AssociativeState(self.tokens.update(state.memory_tokens, outputs), matrices, norms)
+
+    def extra_repr(self) -> str:
+        return (f"num_memory_tokens={self.num_memory_tokens}, nu={self.nu}, key_dim={self.key_dim}, "
+                f"layers={self.layer_ids or self.requested_layers}, read={self.read_enabled}, "
+                f"correction={self.correction}")
