@@ -8,6 +8,11 @@ its CSV metrics (`csv/metrics.csv`) and wandb offline runs (`wandb/offline-run-*
 (same memory config) are one curve: accuracy by distance bucket (correct / count summed over the runs, so
 seeds pool), and the per-run numbers stay in the table, with how many runs `solved` the probe (accuracy over
 `far` at least `solve_at`).
+
+The capacity view (`--capacity`, for `experiment=capacity`: multi-query recall at several K) tabulates the
+overall accuracy (per query, pooled over seeds) by mechanism and number of pairs K, and plots it against K:
+
+    python -m stm.horizon logs/capacity/multiruns/<time> --capacity --out capacity.json --plot capacity.png
 """
 
 from __future__ import annotations
@@ -16,12 +21,12 @@ import argparse
 import csv
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
 from stm.tasks.probe import HORIZON_FILE, horizon_table
 
-MECHANISM_ORDER = ("none", "full", "swa", "xl", "rmt")
+MECHANISM_ORDER = ("none", "full", "swa", "xl", "rmt", "armt")
 
 
 def find_runs(roots: Iterable[str | Path], filename: str = HORIZON_FILE) -> list[Path]:
@@ -83,11 +88,12 @@ def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def label_of(run: dict, runs: Sequence[dict]) -> str:
+def label_of(run: dict, runs: Sequence[dict], ignore: Collection[str] = ()) -> str:
     """The mechanism, with the memory and probe options (e.g. the context length) that tell it apart from other
-    runs of the same mechanism; seeds do not."""
+    runs of the same mechanism; seeds do not, nor the options named in `ignore` (e.g. "probe.n_pairs")."""
     def options(r: dict) -> dict:
-        return {**_flat(r.get("memory") or {}), **_flat(r.get("val_source") or {}, "probe.")}
+        flat = {**_flat(r.get("memory") or {}), **_flat(r.get("val_source") or {}, "probe.")}
+        return {k: v for k, v in flat.items() if k not in ignore}
 
     same = [options(r) for r in runs if r["mechanism"] == run["mechanism"]]
     mine = options(run)  # an option a run does not record (an older horizon.json) is no difference
@@ -217,6 +223,11 @@ def plot(runs: Sequence[dict], path: str | Path | None = None, ax=None, title: s
     first = next(iter(data.values()))
     ax.set_xlabel(f"distance from fact to question (segments of {first['segment_len']} tokens)")
     ax.set_ylabel(f"accuracy (%, {first['score']})")
+    return _finish_figure(fig, ax, title, path)
+
+
+def _finish_figure(fig, ax, title: str | None, path):
+    """Percent axis, grid, legend and title of an accuracy plot; saved to `path` (its folder made) if given."""
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -237,6 +248,125 @@ def collect(roots: Iterable[str | Path], solve_at: float = 0.99) -> dict:
             "curves": curves(runs), "table": table(runs)}
 
 
+# ------------------------------------------------------------------------------------------------ capacity
+
+def n_pairs_of(run: dict) -> int:
+    """K of a run: horizon.json's `n_pairs` (what the validation examples held), else its val_source's."""
+    k = run.get("n_pairs")
+    if k is None:
+        k = (run.get("val_source") or {}).get("n_pairs")
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise ValueError(f"stm.horizon --capacity: {run.get('path')} records no single number of pairs (n_pairs: "
+                         f"{k!r}): not a run of one K (experiment=capacity)")
+    return k
+
+
+def capacity(runs: Sequence[dict], score: str | None = None) -> dict:
+    """Accuracy by mechanism and K: overall correct / count summed over the runs (seeds) of each (label, K).
+
+    Returns {"unit", "score", "n_pairs": [K, ...], "chance", "rows": [{label, mechanism, n_pairs, correct, count,
+    accuracy, runs, seeds}, ...], "curves": {label: {"mechanism", "n_pairs", "correct", "count", "accuracy",
+    "runs"}}, "table"}. Labels tell runs of one mechanism apart by their other options, as `label_of` does,
+    K aside. The unit is the query (multi-query probes) or the example; runs that count different units
+    are refused."""
+    if not runs:
+        raise ValueError("stm.horizon --capacity: no runs")
+    units = {run.get("unit", "example") for run in runs}
+    if len(units) > 1:
+        raise ValueError(f"stm.horizon --capacity: the runs count different units {sorted(units)} (query: "
+                         f"multi-query probes, example: generated answers); collect them apart")
+    cells: dict[tuple[str, int], dict] = {}
+    for run in runs:
+        s = score or run["score"]
+        label, k = label_of(run, runs, ignore=("probe.n_pairs",)), n_pairs_of(run)
+        cell = cells.setdefault((label, k), {"label": label, "mechanism": run["mechanism"], "n_pairs": k,
+                                             "correct": 0.0, "count": 0, "runs": 0, "seeds": []})
+        cell["correct"] += run["overall"]["correct"][s]
+        cell["count"] += run["overall"]["count"]
+        cell["runs"] += 1
+        cell["seeds"].append(run.get("seed"))
+    labels = list(dict.fromkeys(label for label, _ in cells))  # runs come in mechanism order (load_runs)
+    ks = sorted({k for _, k in cells})
+    rows = []
+    for label in labels:
+        for k in ks:
+            if (label, k) in cells:
+                cell = cells[(label, k)]
+                rows.append({**cell, "accuracy": cell["correct"] / cell["count"] if cell["count"] else None})
+    curves_ = {}
+    for row in rows:
+        curve = curves_.setdefault(row["label"], {"mechanism": row["mechanism"], "n_pairs": [], "correct": [],
+                                                  "count": [], "accuracy": [], "runs": []})
+        for key in ("n_pairs", "correct", "count", "accuracy", "runs"):
+            curve[key].append(row[key])
+    chances = {run.get("baselines", {}).get("uniform_value") for run in runs} - {None}
+    out = {"unit": units.pop(), "score": score or runs[0]["score"], "n_pairs": ks,
+           "chance": chances.pop() if len(chances) == 1 else None, "rows": rows, "curves": curves_,
+           "segment_len": runs[0].get("segment_len")}
+    out["table"] = capacity_table(out)
+    return out
+
+
+def capacity_table(result: dict) -> str:
+    """Mechanism x K: accuracy (and how many queries or examples it is over) per cell."""
+    ks, unit = result["n_pairs"], result["unit"]
+    cells = {(row["label"], row["n_pairs"]): row for row in result["rows"]}
+    labels = list(result["curves"])
+    width = max(12, *(len(label) for label in labels))
+    col = 15
+
+    def cell(label: str, k: int) -> str:
+        row = cells.get((label, k))
+        if row is None or row["accuracy"] is None:
+            return "-"
+        return f"{100 * row['accuracy']:5.1f}% ({row['count']})"
+
+    header = f"{'mechanism':<{width}}" + "".join(f"{f'K={k}':>{col}}" for k in ks)
+    units = {"query": "queries"}.get(unit, f"{unit}s")
+    lines = [f"accuracy per {unit} ({result['score']}; in brackets: {units} scored) by the number of pairs K",
+             header, "-" * len(header)]
+    lines += [f"{label:<{width}}" + "".join(f"{cell(label, k):>{col}}" for k in ks) for label in labels]
+    if result.get("chance") is not None:
+        lines.append(f"chance: {100 * result['chance']:.1f}% (one value of {round(1 / result['chance'])})")
+    return "\n".join(lines)
+
+
+def plot_capacity(result: dict, path: str | Path | None = None, ax=None, title: str | None = None):
+    """Accuracy against K (log2 axis), one line per mechanism, the chance level dashed; `result` is
+    `capacity(...)`. Returns the figure; writes it to `path` when given."""
+    import matplotlib
+
+    if ax is None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    else:
+        fig = ax.figure
+    for label, curve in result["curves"].items():
+        points = [(k, acc) for k, acc in zip(curve["n_pairs"], curve["accuracy"]) if acc is not None]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+    if result.get("chance") is not None:
+        ax.axhline(100 * result["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+    ks = result["n_pairs"]
+    if ks and min(ks) > 0:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K: key-value pairs in the context" + (f" (segments of {result['segment_len']} tokens)"
+                                                         if result.get("segment_len") else ""))
+    ax.set_ylabel(f"accuracy per {result['unit']} (%)")
+    return _finish_figure(fig, ax, title, path)
+
+
+def collect_capacity(roots: Iterable[str | Path]) -> dict:
+    """The capacity view of the runs under `roots` (`capacity`), with the roots."""
+    roots = list(roots)
+    return {"roots": [str(r) for r in roots], **capacity(load_runs(roots))}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m stm.horizon", description=__doc__.split("\n\n")[0])
     parser.add_argument("roots", nargs="+", help="sweep folders (searched for horizon.json) or horizon.json files")
@@ -244,7 +374,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--plot", help="write the figure to this file (.png, .svg, ...)")
     parser.add_argument("--title", help="figure title")
     parser.add_argument("--solve-at", type=float, default=0.99, help="far accuracy that counts as solved")
+    parser.add_argument("--capacity", action="store_true",
+                        help="the capacity view (experiment=capacity): accuracy by mechanism and number of pairs K; "
+                             "--out and --plot then write its numbers and its figure (accuracy against K)")
     args = parser.parse_args(argv)
+    if args.capacity:
+        result = collect_capacity(args.roots)
+        print(result["table"])
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+            print(f"written {args.out}")
+        if args.plot:
+            plot_capacity(result, args.plot, title=args.title)
+            print(f"written {args.plot}")
+        return result
     result = collect(args.roots, args.solve_at)
     print(result["table"])
     solved = ", ".join(f"{label} {k_of_n}" for label, k_of_n in result["solved"].items())

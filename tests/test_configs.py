@@ -24,8 +24,9 @@ def test_every_group_of_the_design_exists():
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DATA_TASKS = {"probe_recall": "probe", "probe_babilong": "probe", "summarization_sample": "summarization",
-              "translation_sample": "translation", "dialogue_sample": "dialogue", "qa_sample": "qa"}
+DATA_TASKS = {"probe_recall": "probe", "probe_babilong": "probe", "probe_mqar": "probe",
+              "summarization_sample": "summarization", "translation_sample": "translation",
+              "dialogue_sample": "dialogue", "qa_sample": "qa"}
 REAL_DATA_EXPERIMENTS = {"summarization_qmsum", "translation_bible", "dialogue_sgd", "qa_babi"}
 
 

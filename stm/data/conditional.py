@@ -6,6 +6,9 @@ then laid out by `stm.data.chunking.layout_example`:
 context first, the target after it and kept whole, padded to whole segments with masks, the context
 truncated from the `truncation` side when it exceeds `max_segments` segments. A record whose target can
 never fit is an error naming the record, or, with `on_bad_record: skip`, skipped, counted and logged.
+A record whose meta has `answer_chars` (character spans of its target, e.g. the values of a multi-query
+recall probe, `stm.data.probes.mqar`) takes the loss on those spans only: its other target labels are
+ignored, and its `ExampleInfo.answer_labels` says which labels each span became (for teacher-forced scoring).
 Batches pad every example to the longest in the batch (whole segments), so a batch of short dialogues does
 not carry the length of a meeting transcript. Under DDP, each record stays whole on one rank.
 """
@@ -22,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stm.data.chunking import Layout, layout_example
 from stm.data.examples import Example, expand
-from stm.data.probes import probe_distances
+from stm.data.probes import char_span_tokens, probe_distances, token_index_of_char
 from stm.data.sampling import ShardedSampler
 from stm.segments import IGNORE_INDEX
 
@@ -36,6 +39,8 @@ class ExampleInfo:
     context_ids: (n,) the context tokens kept (after truncation): generation reads exactly these.
     context:     the context text (whole, before truncation), for sample tables.
     reference:   the target text.
+    answer_labels: for records with `answer_chars`: [lo, hi) of each answer span as indices into the example's
+                 labels (the labels lo..hi-1 are the span's tokens); None for every other record.
     """
 
     context_ids: np.ndarray
@@ -43,6 +48,42 @@ class ExampleInfo:
     reference: str
     origin: str
     meta: dict
+    answer_labels: list[tuple[int, int]] | None = None
+
+
+def answer_label_ranges(target: str, target_byte_counts: np.ndarray, answer_chars, first_label: int,
+                        origin: str = "") -> list[tuple[int, int]]:
+    """[lo, hi) label indices of each answer span: characters [start, end) of `target` -> the target tokens
+    holding any of them (`char_span_tokens`, from the target's token byte counts: any tokenizer), shifted by
+    `first_label`, the label index of the target's first token (the last context token predicts it)."""
+    ranges = []
+    for span in answer_chars:
+        try:
+            start, end = (int(x) for x in span)
+            lo, hi = char_span_tokens(target, target_byte_counts, start, end)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{origin}: meta answer_chars {span!r} is not a [start, end) span of the target "
+                             f"{target!r}: {err}") from err
+        ranges.append((first_label + lo, first_label + hi))
+    return ranges
+
+
+def query_distances(meta: dict, context: str, context_byte_counts: np.ndarray, answer_labels, n_context_kept: int,
+                    n_truncated_left: int, segment_len: int) -> dict:
+    """Per query (records with `query_fact_chars`, in the order of `answer_chars`): how many segment borders lie
+    between its fact's first token and the position that predicts its answer's first token, and whether the
+    fact survived truncation. Segments count from the first kept token, as in `probe_distances`."""
+    if len(meta["query_fact_chars"]) != len(answer_labels):
+        raise ValueError(f"meta query_fact_chars has {len(meta['query_fact_chars'])} spans but answer_chars "
+                         f"{len(answer_labels)}: one fact per answer")
+    distances, kept = [], []
+    lo_kept, hi_kept = n_truncated_left, n_truncated_left + n_context_kept
+    for (start, end), (label, _) in zip(meta["query_fact_chars"], answer_labels):
+        first = token_index_of_char(context, context_byte_counts, start)
+        last = token_index_of_char(context, context_byte_counts, end - 1)
+        distances.append(label // segment_len - (first - lo_kept) // segment_len)
+        kept.append(bool(lo_kept <= first and last < hi_kept))
+    return {"query_distance_segments": distances, "query_facts_kept": kept}
 
 
 class LaidOutExamples(Dataset):
@@ -148,6 +189,16 @@ class ConditionalDataModule(L.LightningDataModule):
                     raise
                 skipped.append(str(err))
                 continue
+            answer_labels = None
+            if "answer_chars" in example.meta:  # only the answer spans of the target take the loss
+                answer_labels = answer_label_ranges(example.target, t_bytes, example.meta["answer_chars"],
+                                                    lay.n_context - 1, example.origin)
+                answers = np.zeros(len(lay.labels), dtype=bool)
+                for lo, hi in answer_labels:
+                    answers[lo:hi] = True
+                target_labels = np.zeros(len(lay.labels), dtype=bool)
+                target_labels[lay.n_context - 1:] = True
+                lay.labels[target_labels & ~answers] = IGNORE_INDEX
             all_bytes = np.concatenate([c_bytes, t_bytes])
             kept = all_bytes[lay.truncated:] if self.truncation == "left" else np.concatenate(
                 [c_bytes[:lay.n_context], t_bytes])
@@ -162,8 +213,11 @@ class ConditionalDataModule(L.LightningDataModule):
             if "fact_chars" in meta:  # a memory probe: how far back (tokens, segments) the fact is, as laid out
                 meta.update(probe_distances(meta, example.context, c_bytes, lay.n_context,
                                             lay.truncated if self.truncation == "left" else 0, self.segment_len))
+            if answer_labels is not None and "query_fact_chars" in meta:
+                meta.update(query_distances(meta, example.context, c_bytes, answer_labels, lay.n_context,
+                                            lay.truncated if self.truncation == "left" else 0, self.segment_len))
             infos.append(ExampleInfo(np.asarray(kept_ids, dtype=np.int64), example.context, example.target,
-                                     example.origin, meta))
+                                     example.origin, meta, answer_labels))
         if skipped:
             log.warning("data %s: skipped %d record(s) (on_bad_record=skip); first: %s", split, len(skipped),
                         "; ".join(skipped[:3]))

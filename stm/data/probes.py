@@ -6,7 +6,7 @@ ones. `meta` says where the facts and the question are, as character offsets int
 
     probe          the kind: "recall", "copy", "reverse", "babilong"
     fact_chars     [[start, end), ...] of the supporting fact(s) (sorted)
-    question_char  where the question starts
+    question_char  where the question starts (len(context) when the questions are the target: mqar)
     distance_chars question_char - the earliest fact's start
     + the generator's parameters (n_pairs, length, target_length, ...) and what was drawn (key, answer, ...)
 
@@ -17,6 +17,8 @@ Formats (every context ends with the question; the target follows it):
 
     recall    "....k037:v012;..k512:v003;......?k037:"  -> "v012"   (filler="char", the default)
               "k037:v012;k512:v003;k101:v944;?k037:"    -> "v012"   (filler="pairs": every slot a pair)
+    mqar      "k03:v12;....k07:v05;....k11:v30;...."    -> "?k07:v05;?k03:v12;"  (multi-query recall: the
+              target asks several keys; only the values take the loss, `answer_chars` says where they are)
     copy      "qzmfe...x|" -> "qzmfe...x"  (reverse: the sequence reversed)
     babilong  Austen sentences with the story lines inserted at sentence boundaries, then
               "\\n\\nQuestion: Where is Mary?\\nAnswer:" -> "kitchen"
@@ -71,6 +73,24 @@ def token_index_of_char(text: str, byte_counts: np.ndarray, char_offset: int) ->
     return int(np.searchsorted(ends, byte, side="right"))
 
 
+def token_index_after(text: str, byte_counts: np.ndarray) -> int:
+    """Index of the first token after `text` (the number of tokens that lie within its bytes), given the byte
+    counts of its tokenization (which may cover more text after it): where a text that follows it begins."""
+    ends = np.cumsum(np.asarray(byte_counts, dtype=np.int64))
+    n_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
+    if len(ends) and ends[-1] < n_bytes:
+        raise ValueError(f"the tokens cover {ends[-1]} bytes, less than the text's {n_bytes}")
+    return int(np.searchsorted(ends, n_bytes, side="right"))
+
+
+def char_span_tokens(text: str, byte_counts: np.ndarray, start: int, end: int) -> tuple[int, int]:
+    """[first, last + 1) of the tokens that hold any of characters [start, end) of `text` (a token that also
+    holds characters outside the span is included): the tokens a span of characters needs."""
+    if not 0 <= start < end <= len(text):
+        raise ValueError(f"char span [{start}, {end}) is empty or outside the text ({len(text)} characters)")
+    return token_index_of_char(text, byte_counts, start), token_index_of_char(text, byte_counts, end - 1) + 1
+
+
 def probe_distances(meta: dict, context: str, byte_counts: np.ndarray, n_context_tokens_kept: int,
                     n_truncated_left: int, segment_len: int) -> dict:
     """Token and segment distances from the earliest supporting fact to the question, after truncation.
@@ -92,14 +112,19 @@ def probe_distances(meta: dict, context: str, byte_counts: np.ndarray, n_context
         raise ValueError(f"segment_len must be positive, got {segment_len}")
     spans = [(token_index_of_char(context, byte_counts, s), token_index_of_char(context, byte_counts, e - 1))
              for s, e in meta["fact_chars"]]
-    question = token_index_of_char(context, byte_counts, meta["question_char"])
-    first = min(s for s, _ in spans)
     lo, hi = n_truncated_left, n_truncated_left + n_context_tokens_kept
+    if meta["question_char"] == len(context):  # the questions are the target (mqar): the token after the context,
+        question = token_index_after(context, byte_counts)  # which truncation never cuts
+        question_kept = True
+    else:
+        question = token_index_of_char(context, byte_counts, meta["question_char"])
+        question_kept = lo <= question < hi
+    first = min(s for s, _ in spans)
     fact_segment, question_segment = (first - lo) // segment_len, (question - lo) // segment_len
     return {"fact_token": first, "question_token": question, "distance_tokens": question - first,
             "fact_segment": fact_segment, "question_segment": question_segment,
             "distance_segments": question_segment - fact_segment,
-            "facts_kept": all(lo <= s and e < hi for s, e in spans), "question_kept": lo <= question < hi}
+            "facts_kept": all(lo <= s and e < hi for s, e in spans), "question_kept": question_kept}
 
 
 # ------------------------------------------------------------------------------------- associative recall
@@ -178,6 +203,80 @@ def recall(n_samples: int, seed: int = 0, split: str | None = "train", n_pairs: 
                   "distance_chars": body_len - start, "n_pairs": n_total, "query_index": q, "key": key,
                   "key_vocab": key_vocab, "value_vocab": value_vocab, "length": body_len, "filler": filler,
                   "placement": placement, "seed": seed, "split": split, "index": i}))
+    return records
+
+
+# ------------------------------------------------------------------------------- multi-query associative recall
+
+def mqar(n_samples: int, seed: int = 0, split: str | None = "train", n_pairs: int = 8, n_queries: int | None = None,
+         key_vocab: int = 64, value_vocab: int = 64, length: int = 256, placement: str = "spread",
+         filler_char: str = ".") -> list[Record]:
+    """Multi-query associative recall (MQAR, Arora et al. 2023, "Zoology") across segments.
+
+    The context is a body of `length` characters of `filler_char` holding `n_pairs` pairs `kKK:vVV;` with
+    distinct keys (zero-padded to the width of key_vocab / value_vocab); placement=spread puts pair j at
+    j * (length // n_pairs) (evenly over the body, so at 256 characters and segments of 16 the pairs span the
+    16 segments), placement=random anywhere without overlap (pairs in order of place). The target is the query
+    section `?k07:v05;?k03:v12;...`: `n_queries` (null: all n_pairs) distinct keys of the sample in random
+    order, each followed by its value. The keys are not predictable; only the values are:
+
+        answer_chars     [[start, end), ...] of each query's value ("v05") in the target, in query order
+        query_fact_chars [[start, end), ...] of each query's pair ("k07:v05") in the context, in query order
+        fact_chars       the same spans, sorted; question_char = len(context) (the questions are the target)
+        query_keys, answers, query_pairs (which pair, by place, each query asks), n_pairs, n_queries, ...
+    """
+    for name, value in (("n_pairs", n_pairs), ("key_vocab", key_vocab), ("value_vocab", value_vocab),
+                        ("length", length)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"mqar: {name} must be a positive integer, got {value!r}")
+    n_queries = n_pairs if n_queries is None else n_queries
+    if not isinstance(n_queries, (int, np.integer)) or isinstance(n_queries, bool) or not 1 <= n_queries <= n_pairs:
+        raise ValueError(f"mqar: n_queries must be an integer in [1, n_pairs={n_pairs}] (distinct keys of the "
+                         f"sample) or null (all of them), got {n_queries!r}")
+    if key_vocab < n_pairs:
+        raise ValueError(f"mqar: key_vocab must be >= n_pairs (the keys of a sample are distinct), got key_vocab="
+                         f"{key_vocab} < n_pairs={n_pairs}")
+    if placement not in ("spread", "random"):
+        raise ValueError(f"mqar: placement must be 'spread' or 'random', got {placement!r}")
+    if not isinstance(filler_char, str) or len(filler_char) != 1 or filler_char in "kv:;?0123456789":
+        raise ValueError(f"mqar: filler_char must be one character not used by pairs, got {filler_char!r}")
+    kw, vw = len(str(key_vocab - 1)), len(str(value_vocab - 1))
+    width = len(f"k{0:0{kw}d}:v{0:0{vw}d};")
+    if n_pairs * width > length:
+        raise ValueError(f"mqar: length {length} holds no {n_pairs} pairs of {width} chars (n_pairs={n_pairs} "
+                         f"needs length >= {n_pairs * width})")
+    records = []
+    for i in range(n_samples):
+        rng = sample_rng(seed, split, i)
+        keys, values = rng.choice(key_vocab, size=n_pairs, replace=False), rng.integers(value_vocab, size=n_pairs)
+        if placement == "spread":
+            starts = np.arange(n_pairs) * (length // n_pairs)
+        else:
+            starts = _scatter(rng, length, n_pairs, width)
+        asked = [int(j) for j in rng.permutation(n_pairs)[:n_queries]]
+        body = [filler_char] * length
+        pairs = [(f"k{k:0{kw}d}", f"v{v:0{vw}d}") for k, v in zip(keys, values)]
+        for s, (k, v) in zip(starts, pairs):
+            body[s:s + width] = f"{k}:{v};"
+        target, answer_chars, query_fact_chars = [], [], []
+        at = 0
+        for j in asked:
+            key, value = pairs[j]
+            value_start = at + len(f"?{key}:")
+            answer_chars.append([value_start, value_start + len(value)])
+            target.append(f"?{key}:{value};")
+            at += len(target[-1])
+            query_fact_chars.append([int(starts[j]), int(starts[j]) + width - 1])
+        fact_chars = sorted(query_fact_chars)
+        records.append(Record(
+            id=f"mqar-{split}-{seed}-{i}", context="".join(body), target="".join(target),
+            origin=f"probe:mqar:{split}:{seed}#{i}",
+            meta={"probe": "mqar", "answer_chars": answer_chars, "query_fact_chars": query_fact_chars,
+                  "fact_chars": fact_chars, "question_char": length, "distance_chars": length - fact_chars[0][0],
+                  "n_pairs": int(n_pairs), "n_queries": int(n_queries), "query_pairs": asked,
+                  "query_keys": [pairs[j][0] for j in asked], "answers": [pairs[j][1] for j in asked],
+                  "key_vocab": key_vocab, "value_vocab": value_vocab, "length": length, "placement": placement,
+                  "seed": seed, "split": split, "index": i}))
     return records
 
 
@@ -357,6 +456,13 @@ class RecallSource(ProbeSource):
 
     def generate(self, n: int) -> list[Record]:
         return recall(n, self.seed, self.split, **self.params)
+
+
+class MQARSource(ProbeSource):
+    """`mqar` as a source: MQARSource(n_samples, seed, split, n_pairs=..., n_queries=..., length=...)."""
+
+    def generate(self, n: int) -> list[Record]:
+        return mqar(n, self.seed, self.split, **self.params)
 
 
 class CopySource(ProbeSource):

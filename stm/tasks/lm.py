@@ -80,9 +80,10 @@ class LanguageModelTask(L.LightningModule):
         self.checkpoint_step = 0  # the training step of the checkpoint the weights came from (eval.py)
         self.lane_states: dict[str, object] = {}  # stream lanes: the memory state carried across batches
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> SegmentRun:
-        """Read a batch. Batches of stream lanes (with `lane_start`) continue the previous batch's memory
-        state, detached: gradients stay within a batch, the memory reaches back across batches."""
+    def forward(self, batch: dict[str, torch.Tensor], return_logits: bool = False) -> SegmentRun:
+        """Read a batch (with its logits (B, T, V) when `return_logits`). Batches of stream lanes (with
+        `lane_start`) continue the previous batch's memory state, detached: gradients stay within a batch, the
+        memory reaches back across batches."""
         lanes = "lane_start" in batch
         split = "train" if self.training else "val"
         state = self.lane_states.get(split) if lanes and not bool(batch["lane_start"]) else None
@@ -90,7 +91,7 @@ class LanguageModelTask(L.LightningModule):
             self.model, self.memory, batch["input_ids"],
             labels=batch["labels"], attention_mask=batch.get("attention_mask"), state=state,
             segment_len=self.segment_len, bptt_depth=self.bptt_depth,
-            checkpoint_segments=self.checkpoint_segments and self.training,
+            checkpoint_segments=self.checkpoint_segments and self.training, return_logits=return_logits,
         )
         if lanes:
             self.lane_states[split] = self.memory.detach(run.state)

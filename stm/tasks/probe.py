@@ -14,6 +14,14 @@ segments, how many segment borders lie between its earliest supporting fact and 
   `val/acc_truncated` and counted in `val/n_truncated` (0 when there are none), and a warning names them;
 - overall (`val/acc`): every generated example, truncated ones included (so it equals `val/exact_match`).
 
+Multi-query probes (`stm.data.probes.mqar`: examples whose info has `answer_labels`) are scored teacher-forced
+instead, without generation: the validation batch is read once with its logits, and a query is correct when
+the argmax equals the label at every token of its answer. The unit is then the query: each one is counted in
+the bucket of its own distance (`query_distance_segments`: from its pair to the position that predicts its
+answer), `val/acc` is the accuracy per query, `val/n_queries` the number of queries scored, and
+`val/exact_match` the share of examples with every query right. horizon.json says `unit: query` and records
+n_pairs (K) and n_queries; `stm.horizon --capacity` tabulates accuracy against K.
+
 The sums are torchmetrics states reduced by summing, so the accuracies are exact under DDP. After every
 validation, rank zero writes `horizon.json` (mechanism, bucket edges, counts, correct, accuracy, baselines)
 into the run's output folder (`trainer.default_root_dir`); at the end of fit the task logs a one-line table
@@ -30,8 +38,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import Metric, SumMetric
 
+from stm.segments import IGNORE_INDEX
 from stm.tasks.qa import QuestionAnsweringTask
 from stm.text_metrics import answer_in_first_sentence, exact_match
 
@@ -153,6 +162,10 @@ class ProbeTask(QuestionAnsweringTask):
         self.horizon_file = horizon_file
         self.references: Counter[str] = Counter()
         self.value_vocabs: set = set()
+        self.n_pairs: set = set()
+        self.n_queries: set = set()
+        self.queries_scored = SumMetric()  # teacher-forced queries and their examples (summed across ranks)
+        self.query_examples = SumMetric()
         self.horizon: dict | None = None
 
     # ------------------------------------------------------------------------------------------ scoring
@@ -166,13 +179,77 @@ class ProbeTask(QuestionAnsweringTask):
         scores = {name: SCORES[name](output, info.reference) for name in self.distance_accuracy.scores}
         self.distance_accuracy.update(meta["distance_segments"], kept, scores)
         self.references[info.reference] += 1
+        self._note_probe(meta)
+
+    def _note_probe(self, meta: dict) -> None:
         if "value_vocab" in meta:
             self.value_vocabs.add(int(meta["value_vocab"]))
+        if "n_pairs" in meta:
+            self.n_pairs.add(int(meta["n_pairs"]))
+        if "n_queries" in meta:
+            self.n_queries.add(int(meta["n_queries"]))
+
+    def validation_step(self, batch, batch_idx):
+        """Examples with answer spans (multi-query probes) are scored teacher-forced from one read of the batch
+        with its logits; any others in the batch are generated and scored as usual."""
+        _, examples = self._val_examples()
+        indices = batch["index"].tolist()
+        if not any(examples.infos[i].answer_labels is not None for i in indices):
+            return super().validation_step(batch, batch_idx)
+        run = self(batch, return_logits=True)
+        target = batch["target_mask"].bool() & (batch["labels"] != IGNORE_INDEX)
+        self.val_metrics.update((run.token_nll * target).sum(), target.sum(), (batch["label_bytes"] * target).sum())
+        predicted = run.logits.argmax(dim=-1)
+        for row, index in enumerate(indices):
+            info = examples.infos[index]
+            if info.answer_labels is not None:
+                self.score_answers(index, info, predicted[row], batch["labels"][row])
+            elif self.n_generate is None or index < self.n_generate:
+                self._generate_and_score(index)
+
+    def score_answers(self, index: int, info, predicted: torch.Tensor, labels: torch.Tensor) -> list[bool]:
+        """Score one example's queries teacher-forced: query q is right when `predicted` (the argmax token at
+        each label position) equals `labels` over all of its answer's label range `info.answer_labels[q]`.
+        Counts each query in its distance bucket, the example in the text metrics (the target with the
+        predicted answers in it against the reference) and the sample table. Returns the queries' results."""
+        meta = info.meta or {}
+        if "query_distance_segments" not in meta:
+            raise ValueError(f"task=probe: validation example {index} ({info.origin}) has answer spans but no "
+                             f"per-query distances; its meta needs query_fact_chars (stm.data.probes.mqar)")
+        tokenizer = self.trainer.datamodule.tokenizer
+        spans = meta.get("answer_chars") or [None] * len(info.answer_labels)
+        results, pieces, at = [], [], 0
+        for q, (lo, hi) in enumerate(info.answer_labels):
+            ok = bool((predicted[lo:hi] == labels[lo:hi]).all())
+            results.append(ok)
+            kept = bool(meta["query_facts_kept"][q])
+            self.distance_accuracy.update(meta["query_distance_segments"][q], kept,
+                                          dict.fromkeys(self.distance_accuracy.scores, float(ok)))
+            if spans[q] is not None:
+                start, end = spans[q]
+                self.references[info.reference[start:end]] += 1
+                pieces += [info.reference[at:start],
+                           info.reference[start:end] if ok else tokenizer.decode(predicted[lo:hi].tolist())]
+                at = end
+        output = "".join(pieces) + info.reference[at:]
+        self.queries_scored.update(float(len(results)))
+        self.query_examples.update(1.0)
+        self._note_probe(meta)
+        self.text_metrics.update([output], [info.reference])
+        if len(self.samples) < self.n_samples:
+            self.samples.append({"index": index, "origin": info.origin, "source": info.context,
+                                 "reference": info.reference, "output": output})
+        return results
 
     def on_validation_epoch_start(self):
         super().on_validation_epoch_start()
         self.references.clear()
         self.value_vocabs.clear()
+        self.n_pairs.clear()
+        self.n_queries.clear()
+        for metric in (self.queries_scored, self.query_examples):  # zero, and updated on every rank (compute
+            metric.reset()                                           # syncs on all of them, with no warning)
+            metric.update(0.0)
 
     def on_validation_epoch_end(self):
         super().on_validation_epoch_end()
@@ -180,6 +257,9 @@ class ProbeTask(QuestionAnsweringTask):
         result = metric.compute()
         metric.reset()
         counts = result["count"]
+        n_queries, n_query_examples = float(self.queries_scored.compute()), float(self.query_examples.compute())
+        self.queries_scored.reset()
+        self.query_examples.reset()
         if counts["all"] == 0:
             log.warning("task=probe: no validation example was generated (task.n_generate=0?): no accuracy")
             return
@@ -192,18 +272,26 @@ class ProbeTask(QuestionAnsweringTask):
                     self.last_val[f"val/{name}"] = result[score][group]
         self.log("val/n_truncated", float(counts["truncated"]))
         self.last_val["val/n_truncated"] = float(counts["truncated"])
+        if n_queries:
+            self.log("val/n_queries", n_queries)
+            self.last_val["val/n_queries"] = n_queries
         if counts["truncated"] and not self.trainer.sanity_checking:
-            log.warning("task=probe: %d of %d validation examples lost their fact to truncation (data.max_segments):"
-                        " counted as `truncated`, not in any distance bucket", counts["truncated"], counts["all"])
-        self.horizon = self._horizon_record(result)
+            log.warning("task=probe: %d of %d validation %s lost their fact to truncation (data.max_segments):"
+                        " counted as `truncated`, not in any distance bucket", counts["truncated"], counts["all"],
+                        "queries" if n_queries else "examples")
+        self.horizon = self._horizon_record(result, n_queries, n_query_examples)
         if self.horizon_file and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             path = Path(self.trainer.default_root_dir) / self.horizon_file
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.horizon, indent=2) + "\n")
 
-    def _horizon_record(self, result: dict) -> dict:
-        """What horizon.json holds: the run, the buckets with counts, correct and accuracy, near/far, baselines."""
+    def _horizon_record(self, result: dict, n_queries: float = 0.0, n_query_examples: float = 0.0) -> dict:
+        """What horizon.json holds: the run, the buckets with counts, correct and accuracy, near/far, baselines;
+        what was counted (`unit`: example, or query for teacher-forced multi-query probes, else mixed), how
+        many examples, and the probe's n_pairs (K) and n_queries (an int; a sorted list if they vary)."""
         metric, counts = self.distance_accuracy, result["count"]
+        n_generated = counts["all"] - int(n_queries)
+        unit = "query" if n_queries and not n_generated else "example" if not n_queries else "mixed"
         cfg = self.run_config or {}
         memory_cfg = cfg.get("memory")
 
@@ -238,11 +326,20 @@ class ProbeTask(QuestionAnsweringTask):
             "truncated": group("truncated"),
             "overall": group("all"),
             "baselines": baselines,
+            "unit": unit,
+            "n_examples": n_generated + int(n_query_examples),
+            "n_pairs": _one_or_all(self.n_pairs),
+            "n_queries": _one_or_all(self.n_queries),
         }
 
     def on_fit_end(self):
         if self.horizon is not None and self.trainer.is_global_zero:
             log.info("\n%s", horizon_table([self.horizon]))
+
+
+def _one_or_all(values: set) -> int | list[int] | None:
+    """The one value of a set as itself, several as a sorted list, none as None."""
+    return None if not values else next(iter(values)) if len(values) == 1 else sorted(values)
 
 
 def _finite(value: float) -> float | None:
@@ -265,7 +362,8 @@ def horizon_table(records: Sequence[dict]) -> str:
     width = max(12, *(len(r["mechanism"]) for r in records))
     near, far = f"near ({span(first['near'])} seg)", f"far ({span(first['far'])} seg)"
     header = f"{'mechanism':<{width}} {near:>16} {far:>16} {'overall':>9} {'n':>6}"
-    lines = [f"accuracy ({first['score']}) by distance from fact to question, in segments of "
+    unit = " per query" if first.get("unit") == "query" else ""
+    lines = [f"accuracy{unit} ({first['score']}) by distance from fact to question, in segments of "
              f"{first.get('segment_len')} tokens", header, "-" * len(header)]
     for r in records:
         score = r["score"]
