@@ -97,7 +97,7 @@ def environment() -> dict[str, Any]:
             "capability": f"{props.major}.{props.minor}",
             "cuda_version": torch.version.cuda,
         }
-    for pkg in ("transformers", "x_transformers", "recurrent_memory_transformer_pytorch"):
+    for pkg in ("transformers", "x_transformers", "recurrent_memory_transformer_pytorch", "local_attention"):
         env[f"{pkg}_version"] = package_version(pkg)
     return env
 
@@ -106,7 +106,8 @@ def package_version(module: str) -> str | None:
     from importlib import metadata
 
     dist = {"x_transformers": "x-transformers",
-            "recurrent_memory_transformer_pytorch": "recurrent-memory-transformer-pytorch"}.get(module, module)
+            "recurrent_memory_transformer_pytorch": "recurrent-memory-transformer-pytorch",
+            "local_attention": "local-attention"}.get(module, module)
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:

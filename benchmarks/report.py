@@ -119,6 +119,21 @@ def render_train_speed(data: dict, small: bool) -> str:
         rows.append([c["ours"], f"{c['fastest_peer']} (of {', '.join(c['peers'])})", f"{c['speed_ratio']:.2f}x",
                      ceiling, "yes" if c["meets_goal"] else "no", fmt(c.get("memory_ratio"), 2)])
     out.append(table(["ours", "fastest matching peer", "speed ratio", "ceiling", "meets goal", "memory ratio"], rows))
+    if data.get("own_comparisons"):  # results before armt have none: their tables stay as they were
+        out += ["", "Ours against the mechanism of ours it extends, in the same run (slowdown = the baseline's "
+                "tokens/s / ours: 1.25 means ours runs at 80% of the baseline's speed; memory and parameter ratios: "
+                "ours / the baseline's):", ""]
+        rows = []
+        for c in data["own_comparisons"]:
+            if "slowdown" not in c:
+                rows.append([c["ours"], c["baseline"], "–", "–", f"– (goal <= {c['max_slowdown']}x)",
+                             c.get("note", "–"), "–"])
+                continue
+            rows.append([c["ours"], c["baseline"], fmt(c["tokens_per_s"]), fmt(c["baseline_tokens_per_s"]),
+                         f"{c['slowdown']:.2f}x (goal <= {c['max_slowdown']}x)", "yes" if c["meets_goal"] else "no",
+                         f"{fmt(c.get('memory_ratio'), 2)} / {fmt(c.get('params_ratio'), 3)}"])
+        out.append(table(["ours", "baseline", "tokens/s", "baseline tokens/s", "slowdown", "meets goal",
+                          "memory / params ratio"], rows))
     if data.get("bf16_speedups"):
         out += ["", "bf16 autocast against float32, the same system side by side in this run (s/step fp32 / s/step "
                 "bf16):", ""]
@@ -131,6 +146,15 @@ def render_train_speed(data: dict, small: bool) -> str:
 
 def short_len(n: int) -> str:
     return f"{n // 1048576}M" if n % 1048576 == 0 else f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def state_cell(state: dict | None, growth: float | None) -> str:
+    if not state:
+        return "–"
+    size = state["bytes"]
+    size_txt = f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 1024:.1f} KiB" if size else "0"
+    return (f"{size_txt}: {state['elements']:,} values in {state['tensors']} tensor{'s' * (state['tensors'] != 1)}"
+            + (f", x{growth:.2f}" if growth is not None else ""))
 
 
 def render_stream(data: dict, small: bool) -> str:
@@ -156,18 +180,22 @@ def render_stream(data: dict, small: bool) -> str:
         rows.append(row)
     out.append(table(["mechanism"] + [short_len(n) for n in lengths], rows))
     out += ["", "Flatness = value at the longest length measured / value at the shortest (1.0 = flat):", ""]
+    # results from before the state was recorded have no state column: their tables stay as they were
+    with_state = any(s.get("state") for s in data["summary"].values())
     rows = []
     for mech, s in data["summary"].items():
+        state = [state_cell(s.get("state"), (s.get("flatness") or {}).get("state"))] if with_state else []
         f = s.get("flatness")
         if not f:
-            rows.append([mech, fmt(s.get("longest_tokens")), "–", "–", "–", "–"])
+            rows.append([mech, fmt(s.get("longest_tokens")), "–", "–", "–", "–"] + state)
             continue
         proj = s.get("projected_s_for_longest")
         rows.append([mech, f"{short_len(f['from_tokens'])} → {short_len(f['to_tokens'])}",
                      f"{f['time_per_token']:.2f}", fmt(f.get("recent_time_per_token"), 3),
-                     fmt(f.get("memory"), 3), f"{proj:.0f} s" if proj else "–"])
+                     fmt(f.get("memory"), 3), f"{proj:.0f} s" if proj else "–"] + state)
     out.append(table(["mechanism", "lengths", "time/token", "recent time/token", "peak memory",
-                      f"projected time for {short_len(lengths[-1])}"], rows))
+                      f"projected time for {short_len(lengths[-1])}"]
+                     + (["carried state at the longest length (growth)"] if with_state else []), rows))
     skipped = sorted({rec["skipped"] for per_len in data["results"].values() if isinstance(per_len, dict)
                       for rec in per_len.values() if isinstance(rec, dict) and "skipped" in rec})
     if skipped:

@@ -3,11 +3,14 @@
 Batch 1, no gradients, float32, the small shape of train_speed.py (6 layers, width 256, 4 heads, byte
 vocabulary), segments of 512 tokens, streams of 4k, 16k, 64k, 256k and 1M tokens.
 
-- `none`, `rmt`, `xl`, `swa` carry a state of constant size, so time per token and memory should stay flat.
-  Each streams in its own worker process, segment by segment (`run_segments(..., state=state)`), with its
-  input made one segment at a time so the stream itself takes no memory; the four advance side by side in
+- `none`, `rmt`, `armt`, `xl`, `swa` (FLAT) carry a state of constant size, so time per token and memory
+  should stay flat. (armt: rmt's 16 memory tokens plus an associative matrix in every layer, key_dim 32,
+  nu 3.) Each streams in its own worker process, segment by segment (`run_segments(..., state=state)`), with
+  its input made one segment at a time so the stream itself takes no memory; they advance side by side in
   rounds of `--chunk` segments, and each stream length is a checkpoint on the way (the figures at 16k are
-  those of the first 16k tokens of the longer stream, which is what a 16k stream would give).
+  those of the first 16k tokens of the longer stream, which is what a 16k stream would give). At each
+  checkpoint the carried state's size is recorded too (its tensors' elements and bytes: rmt's memory
+  tokens, armt's tokens and matrices, xl's and swa's key/value caches), which should not grow either.
 - `full` reads the whole stream in one forward pass, in a fresh worker per length, its input made before
   the memory baseline. It stops growing after a length takes more than `--full-limit-s`, or when the
   next length is projected (b*L + c*L^2 through the last two lengths) to take over 3 times that, or
@@ -20,10 +23,11 @@ are recorded as skipped, with the time they were projected to take.
 
 Reported per mechanism and length: seconds per token (over the whole stream so far) and per segment
 lately (median of the last segments, the marginal cost at that point of the stream), peak extra memory,
-and flatness = value at the longest length / value at 4k.
+the carried state's size (flat mechanisms), and flatness = value at the longest length / value at 4k.
 
     python benchmarks/stream_inference.py                      # default: about 10 minutes on 2 cores
-    python benchmarks/stream_inference.py --budget-s 0         # no budget: every length up to 1M
+    python benchmarks/stream_inference.py --budget-s 0         # no budget: every length up to 1M (with five
+                                                               # flat streams, more than 10 minutes)
     python benchmarks/stream_inference.py --quick              # tiny sizes, to check that everything runs
 """
 
@@ -39,17 +43,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-FLAT = ("none", "rmt", "xl", "swa")
+FLAT = ("none", "rmt", "armt", "xl", "swa")
+MECHANISMS = FLAT + ("full",)
 LENGTHS = (4096, 16384, 65536, 262144, 1048576)
 SHAPE = dict(vocab_size=256, d_model=256, n_layers=6, n_heads=4, segment_len=512, memory_tokens=16,
-             mem_len=512, window=512)
+             mem_len=512, window=512, key_dim=32, nu=3)
 QUICK_SHAPE = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=2, segment_len=64, memory_tokens=4,
-                   mem_len=64, window=64)
+                   mem_len=64, window=64, key_dim=32, nu=3)
 QUICK_LENGTHS = (256, 1024, 4096)
 
 
+def state_size(state) -> dict:
+    """The size of a carried state: its tensors, their elements and bytes (each tensor's own elements, not the
+    storage a view of it may keep alive)."""
+    from stm.memory.base import map_state
+
+    tensors = []
+    map_state(state, tensors.append)
+    return {"tensors": len(tensors), "elements": sum(t.numel() for t in tensors),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors)}
+
+
 def build_model_and_memory(mechanism: str, shape: dict):
-    from stm.memory import FullAttention, NoMemory, RecurrentMemoryTokens, SegmentRecurrence, SlidingWindow
+    from stm.memory import (
+        AssociativeMemory,
+        FullAttention,
+        NoMemory,
+        RecurrentMemoryTokens,
+        SegmentRecurrence,
+        SlidingWindow,
+    )
     from stm.models import Transformer
 
     model = Transformer(vocab_size=shape["vocab_size"], d_model=shape["d_model"], n_layers=shape["n_layers"],
@@ -58,6 +81,9 @@ def build_model_and_memory(mechanism: str, shape: dict):
         "none": lambda: NoMemory(),
         "full": lambda: FullAttention(),
         "rmt": lambda: RecurrentMemoryTokens(num_memory_tokens=shape["memory_tokens"]),
+        # rmt's memory tokens plus an associative matrix in every layer (layers=None: all)
+        "armt": lambda: AssociativeMemory(num_memory_tokens=shape["memory_tokens"], key_dim=shape["key_dim"],
+                                          nu=shape["nu"], layers=None),
         "xl": lambda: SegmentRecurrence(mem_len=shape["mem_len"]),
         "swa": lambda: SlidingWindow(window=shape["window"]),
     }[mechanism]()
@@ -114,6 +140,7 @@ class FlatStream:
             "s_per_token": self.seconds / max(1, self.tokens),
             "recent_s_per_token": common.median(last) / self.shape["segment_len"] if last else None,
             "memory": self.peak.record(),
+            "state": state_size(self.state),
         }
 
 
@@ -258,13 +285,16 @@ def flatness(per_length: dict) -> dict | None:
         out["recent_time_per_token"] = b["recent_s_per_token"] / a["recent_s_per_token"]
     ma, mb = a["memory"]["peak_extra_bytes"], b["memory"]["peak_extra_bytes"]
     out["memory"] = mb / ma if ma else None
+    if "state" in a and "state" in b:
+        sa, sb = a["state"]["bytes"], b["state"]["bytes"]
+        out["state"] = sb / sa if sa else (1.0 if sb == sa else None)
     return out
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mechanisms", default="none,rmt,xl,swa,full", help="comma-separated subset of "
-                   "none, rmt, xl, swa, full")
+    p.add_argument("--mechanisms", default=",".join(MECHANISMS),
+                   help="comma-separated subset of " + ", ".join(MECHANISMS))
     p.add_argument("--lengths", default=None, help="comma-separated stream lengths (default 4k..1M)")
     p.add_argument("--budget-s", type=float, default=570, help="wall-clock budget, 0 for none (default 570)")
     p.add_argument("--full-limit-s", type=float, default=60, help="stop growing full past this (default 60)")
@@ -289,6 +319,9 @@ def main(argv=None) -> dict:
     if bad:
         raise SystemExit(f"stream lengths must be multiples of the segment length {shape['segment_len']}: {bad}")
     mechanisms = [m.strip() for m in args.mechanisms.split(",") if m.strip()]
+    unknown = [m for m in mechanisms if m not in MECHANISMS]
+    if unknown:
+        raise SystemExit(f"unknown mechanisms {unknown}; choose from {MECHANISMS}")
     deadline = t0 + args.budget_s if args.budget_s else None
     load_before = common.load_average()
 
@@ -303,6 +336,8 @@ def main(argv=None) -> dict:
     for mech, per_length in results.items():
         done = [int(k) for k, v in per_length.items() if isinstance(v, dict) and "s_per_token" in v]
         summary[mech] = {"longest_tokens": max(done) if done else None, "flatness": flatness(per_length)}
+        if done and "state" in per_length[str(max(done))]:  # the carried state at the longest length reached
+            summary[mech]["state"] = per_length[str(max(done))]["state"]
         recent = [v.get("recent_s_per_token") for v in per_length.values() if isinstance(v, dict)]
         recent = [r for r in recent if r]
         if mech in FLAT and recent and lengths[-1] not in done:
@@ -321,7 +356,9 @@ def main(argv=None) -> dict:
                    "memory": "peak extra resident memory of the worker (high-water minus resident size after "
                    "model build; full: after its input was made too)",
                    "s_per_token": "seconds spent in run_segments over the stream so far / tokens so far",
-                   "recent_s_per_token": "median seconds of the last 8 segments / segment length"},
+                   "recent_s_per_token": "median seconds of the last 8 segments / segment length",
+                   "state": "flat mechanisms: the carried state after the stream so far (batch 1): its tensors, "
+                   "their elements and bytes"},
         "results": results,
         "summary": summary,
         "wall_s": time.perf_counter() - t0,
@@ -331,8 +368,10 @@ def main(argv=None) -> dict:
     for mech, s in summary.items():
         f = s["flatness"]
         if f:
+            state = f", state {s['state']['bytes'] / 1024:.1f} KiB (x{f['state']:.2f})" \
+                if s.get("state") and f.get("state") is not None else ""
             print(f"{mech:5s} {f['from_tokens']}->{f['to_tokens']}: time/token x{f['time_per_token']:.2f}, "
-                  f"memory x{f['memory'] if f['memory'] is None else round(f['memory'], 2)}")
+                  f"memory x{f['memory'] if f['memory'] is None else round(f['memory'], 2)}{state}")
     return result
 
 

@@ -3,11 +3,15 @@
 Every system has the same shape (6 layers, width 256, 4 heads of 64, SwiGLU/GEGLU width 704, byte vocabulary
 of 256), reads batches of 4 samples of 2048 tokens, float32, and takes one AdamW step per batch:
 
-    ours   stm.models.Transformer + memory none | full | rmt (16 tokens) | xl (mem_len 512) | swa (window 512),
+    ours   stm.models.Transformer + memory none | full | rmt (16 tokens) | armt (rmt's 16 tokens plus an
+           associative matrix in every layer, key_dim 32, nu 3) | xl (mem_len 512) | swa (window 512),
            through stm.segments.run_segments, segments of 512 (full: one segment of 2048)
     peers  x-transformers TransformerWrapper(Decoder): full causal over 2048; local attention
            (attn_max_attend_past=511: each token sees itself and the 511 before it, as our window 512);
            Transformer-XL memories (max_mem_len=512, 4 segments of 512 passing mems / return_mems)
+           local-attention (lucidrains) LocalTransformer over 2048: blocked sliding-window attention
+           (window_size=511, look_backward=1, exact_windowsize=True: itself and the 511 before it, see
+           _build_la_local)
            recurrent-memory-transformer-pytorch: RecurrentMemoryTransformer (16 memory tokens, seq_len 512)
            through its RecurrentMemoryTransformerWrapper over 4 segments
            Hugging Face LlamaForCausalLM (attn_implementation="sdpa") over 2048 tokens
@@ -21,7 +25,9 @@ Reported: tokens/s, seconds/step (median), parameter count, peak extra memory (r
 above the worker's size after build), the time one step spends inside the matmul and fused-attention kernels
 (one profiled step after the timed ones), and for each of our mechanisms the ratio of its tokens/s to the
 fastest matching peer, with its ceiling: the ratio it would reach if everything outside those kernels were
-free (when the ceiling is below the goal, no rewrite around the same kernels can reach the goal).
+free (when the ceiling is below the goal, no rewrite around the same kernels can reach the goal). armt has
+no peer on PyPI: it is compared with our own rmt in the same run instead (OWN_BASELINES: the goal is rmt's
+tokens/s over armt's at most 1.25, i.e. armt at least 1/1.25 = 80% of rmt's speed).
 
     python benchmarks/train_speed.py                 # the full run (about 10 minutes on 2 cores)
     python benchmarks/train_speed.py --quick         # a tiny shape, to check that everything runs
@@ -42,25 +48,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-OURS = ("none", "full", "rmt", "xl", "swa")
-PEERS = ("xt-full", "xt-local", "xt-xl", "rmt-pytorch", "hf-llama")
+OURS = ("none", "full", "rmt", "armt", "xl", "swa")
+PEERS = ("xt-full", "xt-local", "la-local", "xt-xl", "rmt-pytorch", "hf-llama")
 # which peers each of our mechanisms is compared with (the fastest of them)
 MATCHING_PEERS = {
     "none": ("xt-full", "hf-llama"),
     "full": ("xt-full", "hf-llama"),
-    "swa": ("xt-local",),
+    "swa": ("xt-local", "la-local"),
     "xl": ("xt-xl",),
     "rmt": ("rmt-pytorch",),
 }
 GOAL_RATIO = 1.3
+# ours against ours, in the same run: mechanism -> (the mechanism of ours it extends, the largest slowdown
+# allowed: the baseline's tokens/s / its tokens/s)
+OWN_BASELINES = {
+    "armt": ("rmt", 1.25),
+}
 # the compute kernels every system calls: dense matmuls, and (matched by name) SDPA's fused attention ops,
 # forward and backward
 KERNEL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 FULL_SHAPE = dict(vocab_size=256, d_model=256, n_layers=6, n_heads=4, segment_len=512, n_segments=4, batch=4,
-                  memory_tokens=16, mem_len=512, window=512)
+                  memory_tokens=16, mem_len=512, window=512, key_dim=32, nu=3)
 QUICK_SHAPE = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=2, segment_len=64, n_segments=4, batch=2,
-                   memory_tokens=4, mem_len=64, window=64)
+                   memory_tokens=4, mem_len=64, window=64, key_dim=32, nu=3)
 
 
 def d_ff_of(d_model: int) -> int:
@@ -106,7 +117,14 @@ class TrainSystem:
     # each builder returns (modules whose parameters train, a function computing the loss, description)
 
     def _build_stm(self):
-        from stm.memory import FullAttention, NoMemory, RecurrentMemoryTokens, SegmentRecurrence, SlidingWindow
+        from stm.memory import (
+            AssociativeMemory,
+            FullAttention,
+            NoMemory,
+            RecurrentMemoryTokens,
+            SegmentRecurrence,
+            SlidingWindow,
+        )
         from stm.models import Transformer
         from stm.segments import run_segments
 
@@ -117,6 +135,9 @@ class TrainSystem:
             "none": lambda: NoMemory(),
             "full": lambda: FullAttention(),
             "rmt": lambda: RecurrentMemoryTokens(num_memory_tokens=s["memory_tokens"]),
+            # rmt's memory tokens plus an associative matrix in every layer (layers=None: all)
+            "armt": lambda: AssociativeMemory(num_memory_tokens=s["memory_tokens"], key_dim=s["key_dim"], nu=s["nu"],
+                                              layers=None),
             "xl": lambda: SegmentRecurrence(mem_len=s["mem_len"]),
             "swa": lambda: SlidingWindow(window=s["window"]),
         }[self.system]()
@@ -126,7 +147,9 @@ class TrainSystem:
             return run_segments(model, memory, self.inputs, labels=self.labels, segment_len=s["segment_len"],
                                 bptt_depth=None).loss
 
-        return [model, memory], loss, f"stm Transformer(attention='sdpa') + {memory!r}"
+        # one line (a memory with submodules, as armt, would print its module tree)
+        what = f"{type(memory).__name__}({memory.extra_repr()})"
+        return [model, memory], loss, f"stm Transformer(attention='sdpa') + {what}"
 
     def _xt_decoder_kwargs(self):
         s = self.shape
@@ -157,6 +180,46 @@ class TrainSystem:
     def _build_xt_local(self):
         # a query sees keys at distance <= max_attend_past: itself and the window - 1 before it
         return self._build_xt_full(attn_max_attend_past=self.shape["window"] - 1)
+
+    def _build_la_local(self):
+        """local-attention's LocalTransformer: causal attention in blocks of `window_size` tokens, each block's
+        queries against its own block and the `look_backward` blocks before it. With exact_windowsize=True (its
+        LocalMHA's default) a key is kept when it is at most window_size * look_backward positions before the
+        query, so a query sees itself and the window_size * look_backward tokens before it. Our window of W (each
+        token sees itself and the W - 1 before it) is therefore window_size * look_backward = W - 1: here
+        window_size=511, look_backward=1. That is exactly our window, for every token, the first ones included
+        (a token near the start sees all the tokens before it, as ours). 511 does not divide 2048, so LocalMHA
+        pads the sequence at the end to 2555 (its autopad, always on): the padding only adds positions after
+        every real query (the causal mask hides them from it) and is cut off the output, but its queries are
+        computed too (25% more attention rows). The power-of-two configuration window_size=512, look_backward=1
+        pads nothing but lets a query see 512 tokens before it (a window of 513), and without exact_windowsize
+        a query sees between 513 and 1024 keys (the whole previous block). The other exact factoring of 511
+        (window_size=73, look_backward=7) pads less but copies every key and value 8 times.
+
+        Shapes that differ where the package does not let us choose: a learned absolute position embedding
+        (max_seq_len x width, on top of the rotary embedding inside the attention), LayerNorm instead of RMSNorm,
+        GEGLU instead of SwiGLU (same width), an untied output layer. One residual stream
+        (num_residual_streams=1: no hyper-connections), as everyone else."""
+        from local_attention import LocalTransformer
+
+        s = self.shape
+        seq = s["segment_len"] * s["n_segments"]
+        window, look_backward = s["window"] - 1, 1
+        d_ff = d_ff_of(s["d_model"])
+        model = LocalTransformer(
+            num_tokens=s["vocab_size"], max_seq_len=seq, dim=s["d_model"], depth=s["n_layers"], causal=True,
+            local_attn_window_size=window, look_backward=look_backward, exact_windowsize=True,
+            dim_head=s["d_model"] // s["n_heads"], heads=s["n_heads"],
+            ff_mult=d_ff * 3 / (2 * s["d_model"]),  # its GEGLU width is int(dim * mult * 2 / 3)
+            num_residual_streams=1,
+        )
+
+        def loss():
+            return self._cross_entropy(model(self.inputs), self.labels)
+
+        return [model], loss, (f"local-attention LocalTransformer over {seq} tokens, local_attn_window_size={window}, "
+                               f"look_backward={look_backward}, exact_windowsize=True: itself and the "
+                               f"{window * look_backward} before it")
 
     def _build_xt_xl(self):
         from x_transformers import Decoder, TransformerWrapper
@@ -380,7 +443,7 @@ def main(argv=None) -> dict:
         rec["peak_extra_mib"] = common.mib(mem.get("peak_extra_bytes"))
 
     comparisons = []
-    for precision, base in ((p, o) for p in args.precisions for o in OURS):
+    for precision, base in ((p, o) for p in args.precisions for o in OURS if o in MATCHING_PEERS):
         ours = system_key(base, precision)
         if ours not in systems:
             continue
@@ -397,6 +460,26 @@ def main(argv=None) -> dict:
                 # the ratio ours would reach if everything outside its matmul/attention kernels took no time
                 row["ceiling_ratio"] = systems[fastest]["seconds_per_step"] / systems[ours]["kernel_s"]
         comparisons.append(row)
+
+    # ours against the mechanism of ours it extends, same precision, same run: what the extension costs
+    own_comparisons = []
+    for precision, (ours_base, (baseline_base, max_slowdown)) in (
+            (p, item) for p in args.precisions for item in OWN_BASELINES.items()):
+        ours, baseline = system_key(ours_base, precision), system_key(baseline_base, precision)
+        if ours not in systems:
+            continue
+        row = {"ours": ours, "baseline": baseline, "precision": precision, "max_slowdown": max_slowdown}
+        if baseline not in systems:
+            row["note"] = f"{baseline} was not in this run (--systems)"
+        tps_ours, tps_base = systems[ours].get("tokens_per_s"), systems.get(baseline, {}).get("tokens_per_s")
+        if tps_ours and tps_base:
+            slowdown = tps_base / tps_ours
+            mem_ours, mem_base = systems[ours]["peak_extra_mib"], systems[baseline]["peak_extra_mib"]
+            row.update(baseline_tokens_per_s=tps_base, tokens_per_s=tps_ours, slowdown=slowdown,
+                       meets_goal=slowdown <= max_slowdown,
+                       memory_ratio=(mem_ours / mem_base) if mem_ours and mem_base else None,
+                       params_ratio=systems[ours]["params"] / systems[baseline]["params"])
+        own_comparisons.append(row)
 
     # the same system in bf16 against fp32, when both ran (side by side in this run)
     def step_s(key):
@@ -422,9 +505,13 @@ def main(argv=None) -> dict:
                    "resident size after build; includes activations, gradients and AdamW state)",
                    "kernels": "one more step per system under torch.profiler after the timed rounds: self time of "
                    + ", ".join(KERNEL_OPS) + " and SDPA's fused attention ops (forward and backward); "
-                   "ceiling_ratio = the fastest peer's s/step / our kernel s/step"},
+                   "ceiling_ratio = the fastest peer's s/step / our kernel s/step",
+                   "own_comparisons": "ours against the mechanism of ours it extends (" + ", ".join(
+                       f"{a} vs {b}: goal slowdown <= {g}" for a, (b, g) in OWN_BASELINES.items())
+                   + "); slowdown = the baseline's tokens/s / ours"},
         "systems": systems,
         "comparisons": comparisons,
+        "own_comparisons": own_comparisons,
         "bf16_speedups": bf16_speedups,
         "wall_s": time.perf_counter() - t0,
     }
@@ -434,6 +521,11 @@ def main(argv=None) -> dict:
         if "speed_ratio" in row:
             ceiling = f", ceiling x{row['ceiling_ratio']:.2f}" if "ceiling_ratio" in row else ""
             print(f"{row['ours']:5s} vs {row['fastest_peer']:12s} speed x{row['speed_ratio']:.2f}{ceiling}")
+    for row in own_comparisons:
+        if "slowdown" in row:
+            print(f"{row['ours']:5s} vs {row['baseline']:12s} {row['baseline']} tokens/s / {row['ours']} tokens/s "
+                  f"x{row['slowdown']:.2f} (goal <= {row['max_slowdown']}: "
+                  f"{'met' if row['meets_goal'] else 'not met'})")
     return result
 
 
