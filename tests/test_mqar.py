@@ -100,6 +100,21 @@ def test_mqar_errors_name_the_parameter(kwargs, message):
         mqar(1, **kwargs)
 
 
+def test_mqar_symbols_format_writes_one_character_keys_and_values():
+    records = mqar(20, n_pairs=8, key_vocab=52, value_vocab=35, length=128, format="symbols", split="val")
+    for r in records:
+        keys, answers = r.meta["query_keys"], r.meta["answers"]
+        assert all(len(k) == 1 and len(a) == 1 for k, a in zip(keys, answers)) and len(set(keys)) == 8
+        assert r.target == "".join(k + a for k, a in zip(keys, answers))
+        assert [r.target[a:b] for a, b in r.meta["answer_chars"]] == answers
+        assert [r.context[a:b] for a, b in r.meta["query_fact_chars"]] == [k + a for k, a in zip(keys, answers)]
+        assert len(r.context) == 128 and set(r.context) - set("".join(keys + answers)) == {"."}
+    with pytest.raises(ValueError, match="value_vocab"):
+        mqar(1, n_pairs=2, key_vocab=10, value_vocab=36, length=64, format="symbols")
+    with pytest.raises(ValueError, match="format must be"):
+        mqar(1, n_pairs=2, key_vocab=10, value_vocab=10, length=64, format="tokens")
+
+
 def test_mqar_source_config_instantiates():
     cfg = OmegaConf.load(ROOT / "conf" / "source" / "probe_mqar.yaml")
     cfg.n_samples = 3

@@ -208,10 +208,20 @@ def recall(n_samples: int, seed: int = 0, split: str | None = "train", n_pairs: 
 
 # ------------------------------------------------------------------------------- multi-query associative recall
 
+KEY_SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+VALUE_SYMBOLS = "0123456789!#$%&()*+,-/;<=>@[]^_{|}~"
+
+
 def mqar(n_samples: int, seed: int = 0, split: str | None = "train", n_pairs: int = 8, n_queries: int | None = None,
          key_vocab: int = 64, value_vocab: int = 64, length: int = 256, placement: str = "spread",
-         filler_char: str = ".") -> list[Record]:
+         filler_char: str = ".", format: str = "pairs") -> list[Record]:
     """Multi-query associative recall (MQAR, Arora et al. 2023, "Zoology") across segments.
+
+    format="symbols" writes each key and each value as one character (keys from `KEY_SYMBOLS`, at most 52;
+    values from `VALUE_SYMBOLS`, at most 35): a pair is "Q7" and a query "Q7", as Zoology's one-token keys and
+    values: with byte tokens, the classic two-layer induction circuit solves it (the query key finds its earlier
+    copy and reads the token after it), which a model learns in far fewer steps than the multi-token format
+    below. The rest (spans, placement, meta) is the same.
 
     The context is a body of `length` characters of `filler_char` holding `n_pairs` pairs `kKK:vVV;` with
     distinct keys (zero-padded to the width of key_vocab / value_vocab); placement=spread puts pair j at
@@ -238,10 +248,43 @@ def mqar(n_samples: int, seed: int = 0, split: str | None = "train", n_pairs: in
                          f"{key_vocab} < n_pairs={n_pairs}")
     if placement not in ("spread", "random"):
         raise ValueError(f"mqar: placement must be 'spread' or 'random', got {placement!r}")
-    if not isinstance(filler_char, str) or len(filler_char) != 1 or filler_char in "kv:;?0123456789":
+    if format not in ("pairs", "symbols"):
+        raise ValueError(f"mqar: format must be 'pairs' (k03:v12;) or 'symbols' (one character each), got {format!r}")
+    used = KEY_SYMBOLS + VALUE_SYMBOLS if format == "symbols" else "kv:;?0123456789"
+    if not isinstance(filler_char, str) or len(filler_char) != 1 or filler_char in used:
         raise ValueError(f"mqar: filler_char must be one character not used by pairs, got {filler_char!r}")
-    kw, vw = len(str(key_vocab - 1)), len(str(value_vocab - 1))
-    width = len(f"k{0:0{kw}d}:v{0:0{vw}d};")
+    if format == "symbols":
+        for name, vocab, symbols in (("key_vocab", key_vocab, KEY_SYMBOLS),
+                                     ("value_vocab", value_vocab, VALUE_SYMBOLS)):
+            if vocab > len(symbols):
+                raise ValueError(f"mqar: format=symbols has {len(symbols)} one-character symbols for {name}, got "
+                                 f"{name}={vocab}")
+
+        def key_text(k):
+            return KEY_SYMBOLS[k]
+
+        def value_text(v):
+            return VALUE_SYMBOLS[v]
+
+        def pair_text(key, value):
+            return key + value
+
+        query_prefix = pair_text
+    else:
+        kw, vw = len(str(key_vocab - 1)), len(str(value_vocab - 1))
+
+        def key_text(k):
+            return f"k{k:0{kw}d}"
+
+        def value_text(v):
+            return f"v{v:0{vw}d}"
+
+        def pair_text(key, value):
+            return f"{key}:{value};"
+
+        def query_prefix(key, value):
+            return f"?{key}:{value};"
+    width = len(pair_text(key_text(0), value_text(0)))
     if n_pairs * width > length:
         raise ValueError(f"mqar: length {length} holds no {n_pairs} pairs of {width} chars (n_pairs={n_pairs} "
                          f"needs length >= {n_pairs * width})")
@@ -255,18 +298,20 @@ def mqar(n_samples: int, seed: int = 0, split: str | None = "train", n_pairs: in
             starts = _scatter(rng, length, n_pairs, width)
         asked = [int(j) for j in rng.permutation(n_pairs)[:n_queries]]
         body = [filler_char] * length
-        pairs = [(f"k{k:0{kw}d}", f"v{v:0{vw}d}") for k, v in zip(keys, values)]
+        pairs = [(key_text(k), value_text(v)) for k, v in zip(keys, values)]
         for s, (k, v) in zip(starts, pairs):
-            body[s:s + width] = f"{k}:{v};"
+            body[s:s + width] = pair_text(k, v)
         target, answer_chars, query_fact_chars = [], [], []
         at = 0
         for j in asked:
             key, value = pairs[j]
-            value_start = at + len(f"?{key}:")
+            query = query_prefix(key, value)
+            value_start = at + query.index(value, query.index(key) + len(key))
             answer_chars.append([value_start, value_start + len(value)])
-            target.append(f"?{key}:{value};")
-            at += len(target[-1])
-            query_fact_chars.append([int(starts[j]), int(starts[j]) + width - 1])
+            target.append(query)
+            at += len(query)
+            fact_end = int(starts[j]) + (width - 1 if format == "pairs" else width)  # the pair without its ';'
+            query_fact_chars.append([int(starts[j]), fact_end])
         fact_chars = sorted(query_fact_chars)
         records.append(Record(
             id=f"mqar-{split}-{seed}-{i}", context="".join(body), target="".join(target),
@@ -276,7 +321,7 @@ def mqar(n_samples: int, seed: int = 0, split: str | None = "train", n_pairs: in
                   "n_pairs": int(n_pairs), "n_queries": int(n_queries), "query_pairs": asked,
                   "query_keys": [pairs[j][0] for j in asked], "answers": [pairs[j][1] for j in asked],
                   "key_vocab": key_vocab, "value_vocab": value_vocab, "length": length, "placement": placement,
-                  "seed": seed, "split": split, "index": i}))
+                  "format": format, "seed": seed, "split": split, "index": i}))
     return records
 
 
