@@ -13,6 +13,10 @@ The same experiment: the same `task_name` and the same command-line overrides, a
 A job requeued by a cluster (submitit, SLURM `--requeue`) runs in the folder it had, so step 2 alone resumes it.
 `RunGuard` writes `last.ckpt` and stops when the cluster signals (SIGUSR1 / SIGUSR2 before a time limit or a
 preemption) or when `trainer.max_time` is reached, and fails a run whose loss is no longer finite.
+
+Checkpoints are read as data only (`read_checkpoint`: `torch.load(..., weights_only=True)`), and Lightning is
+told to read them so too: a checkpoint whose pickle would call code is refused unless the command says
+`trust_checkpoint=true`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import pickle
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -29,16 +35,17 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, Timer
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from stm.config import ConfigError
 from stm.sweeps import NonFiniteMetricError, is_rank_zero
 
 log = logging.getLogger("stm")
 
-_IGNORED_KEYS = {"resume", "ckpt_path"}
+_IGNORED_KEYS = {"resume", "ckpt_path", "trust_checkpoint"}
 _chosen: dict[tuple[str, str, str], str] = {}  # a run's folder, once chosen, stays (Hydra resolves it repeatedly)
 
 
 def experiment_overrides(overrides) -> list[str]:
-    """The overrides that define an experiment: all but `resume` and `ckpt_path`, sorted."""
+    """The overrides that define an experiment: all but `resume`, `ckpt_path` and `trust_checkpoint`, sorted."""
     kept = []
     for item in overrides or []:
         key = str(item).split("=", 1)[0].lstrip("+~")
@@ -96,26 +103,101 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that needs code to load: its pickle calls a function or builds an object that is not plain
+    data, or its stored config names code outside stm to build. Refused unless the run says trust_checkpoint=true."""
+
+
+TRUST_HINT = "If you trust this file and where it came from, run again with trust_checkpoint=true on the command line"
+
+
+def trusts_checkpoints(cfg: DictConfig) -> bool:
+    """`trust_checkpoint` of the config: true loads checkpoints with full unpickling (they may run code)."""
+    value = cfg.get("trust_checkpoint", False)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ConfigError(f"trust_checkpoint must be true or false, got {value!r}")
+
+
+def _refusal(path: Path, what: str, err: pickle.UnpicklingError) -> ValueError:
+    """The error for a checkpoint that `torch.load(weights_only=True)` would not read, naming the global in it."""
+    text = str(err)
+    found = re.search(r"GLOBAL (\S+?)(?: was not an allowed global| whose module)", text)
+    if found is None:  # not a global: a file torch.save did not write (or a pickle protocol it does not write)
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+        reason = reason.group(1).strip() if reason else text.strip().splitlines()[0]
+        return ValueError(f"{what}: could not read {path} as a PyTorch checkpoint of plain data (weights-only "
+                          f"unpickling stopped at: {reason}); it is not a file torch.save wrote, or it holds "
+                          f"objects that need code to load. Nothing in it was run. {TRUST_HINT}.")
+    name = found.group(1)
+    if name.startswith("omegaconf."):
+        return UntrustedCheckpointError(
+            f"{what}: refused to load {path}: it stores an omegaconf object ({name}), as checkpoints of older stm "
+            f"versions did (the run config as a DictConfig), and unpickling that runs omegaconf code; stm reads "
+            f"checkpoints with torch.load(weights_only=True), which takes only tensors, numbers, strings, lists and "
+            f"dicts. Nothing in it was run. {TRUST_HINT}; training resumed from it then writes checkpoints of "
+            f"plain data.")
+    return UntrustedCheckpointError(
+        f"{what}: refused to load {path}: its pickle calls {name}, which is code, not data (stm reads checkpoints "
+        f"with torch.load(weights_only=True), which takes only tensors, numbers, strings, lists and dicts; a "
+        f"checkpoint's pickle can run any code). Nothing in it was run. {TRUST_HINT} (from Python, "
+        f"torch.serialization.add_safe_globals([{name}]) allows just that global).")
+
+
+def read_checkpoint(path: str | Path, *, trust: bool = False, mmap: bool = False, what: str = "ckpt_path") -> dict:
+    """A checkpoint file as a dict, read with `torch.load(weights_only=True)`: tensors and plain containers only,
+    so that reading it cannot run code. A file that needs more is refused with an error naming the file and the
+    global its pickle wanted (`UntrustedCheckpointError`). `trust=True` (trust_checkpoint=true) unpickles fully.
+    `mmap` maps the tensors instead of reading them (cheap; files that torch.save did not zip are read whole)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    if trust:
+        log.warning("%s: trust_checkpoint=true: unpickling %s fully; its pickle can run code", what, path)
+
+    def load(use_mmap: bool):
+        return torch.load(path, map_location="cpu", weights_only=not trust, mmap=use_mmap)
+
+    try:
+        try:
+            checkpoint = load(mmap)
+        except RuntimeError as err:
+            if not (mmap and "mmap" in str(err)):
+                raise
+            checkpoint = load(False)
+    except pickle.UnpicklingError as err:
+        if trust:
+            raise ValueError(f"{what}: could not read {path} as a PyTorch checkpoint ({err})") from err
+        raise _refusal(path, what, err) from None
+    except Exception as err:  # a truncated or foreign file: say which and why
+        raise ValueError(f"{what}: could not read {path} as a PyTorch checkpoint ({err})") from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{what}: {path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, "
+                         f"not a dict)")
+    return checkpoint
+
+
 def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     """`ckpt_path` if given; with `resume=auto` (or in a job SLURM requeued), the run folder's last checkpoint if
-    there is one; else None."""
+    there is one; else None. The checkpoint is checked to be plain data (`read_checkpoint`) before anything is
+    built; a file that needs code to load stops the run here unless trust_checkpoint=true."""
+    trust = trusts_checkpoints(cfg)
     if cfg.get("ckpt_path"):
-        if not Path(cfg.ckpt_path).expanduser().is_file():
-            raise FileNotFoundError(f"ckpt_path: {cfg.ckpt_path} does not exist")
+        read_checkpoint(cfg.ckpt_path, trust=trust, mmap=True)
         return str(cfg.ckpt_path)
     requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
     if cfg.get("resume") == "auto" or requeued:
         last = last_checkpoint(checkpoint_dir(cfg))
         if last is not None:
+            read_checkpoint(last, trust=trust, mmap=True, what="resume=auto")
             return str(last)
         log.info("resume=auto: no last.ckpt in %s yet, starting afresh", checkpoint_dir(cfg))
     return None
 
 
-def checkpoint_step(path: str | Path) -> int:
+def checkpoint_step(path: str | Path, trust: bool = False) -> int:
     """The global step a checkpoint was written at (read lazily: the weights are not loaded)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return int(checkpoint.get("global_step", 0))
+    return int(read_checkpoint(path, trust=trust, mmap=True).get("global_step", 0))
 
 
 def continue_csv_logs(loggers: list, step: int) -> None:

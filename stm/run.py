@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stm.config import ConfigError, validate_train_config, validate_trainer_config
 from stm.memory import build_memory
-from stm.resume import RunGuard, checkpoint_dir, checkpoint_step, checkpoint_to_resume, continue_csv_logs
+from stm.resume import (
+    TRUST_HINT,
+    RunGuard,
+    UntrustedCheckpointError,
+    checkpoint_dir,
+    checkpoint_step,
+    checkpoint_to_resume,
+    continue_csv_logs,
+    read_checkpoint,
+    trusts_checkpoints,
+)
 from stm.sweeps import NonFiniteMetricError, configure_wandb, ddp_job, is_rank_zero
 
 log = logging.getLogger("stm")
@@ -144,7 +155,8 @@ def train(cfg: DictConfig) -> float | None:
     with ddp_job("train", cfg):  # a DDP trainer starts its other ranks on this (final) config
         started = time.time()
         out = _output_dir(cfg)
-        ckpt_path = checkpoint_to_resume(cfg)
+        trust = trusts_checkpoints(cfg)
+        ckpt_path = checkpoint_to_resume(cfg)  # refuses a checkpoint that needs code to load (unless trusted)
         with open_dict(cfg):
             cfg.ckpt_path = ckpt_path  # the other ranks of a DDP job resume from the same checkpoint
         configure_wandb(cfg, out)
@@ -160,13 +172,13 @@ def train(cfg: DictConfig) -> float | None:
         try:
             if ckpt_path:
                 log.info("resuming from %s", ckpt_path)
-                continue_csv_logs(loggers, checkpoint_step(ckpt_path))
+                continue_csv_logs(loggers, checkpoint_step(ckpt_path, trust))
             for lg in loggers:
                 lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             n_params = sum(p.numel() for p in model.parameters())
             log.info("model: %s with %.2fM parameters; memory: %s", type(model).__name__, n_params / 1e6,
                      type(parts["memory"]).__name__)
-            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
         finally:
             _finish_wandb(loggers)
         if is_rank_zero():
@@ -225,20 +237,91 @@ def unigram_baseline(datamodule, vocab_size: int) -> dict[str, float] | None:
     return {"loss": nll / len(labels), "bpb": nll / math.log(2) / max(n_bytes, 1)}
 
 
-def load_checkpoint_config(ckpt_path: str | Path) -> tuple[DictConfig, dict]:
-    """The run config and validation metrics that stm stored in a checkpoint."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: {path} does not exist")
+STORED_SECTIONS = ("tokenizer", "data", "model", "memory", "task")  # what eval.py builds from a checkpoint
+# where the `_target_`s of a stored config may point without trust: stm's building blocks and torch's optimizers
+BUILT_FROM = ("stm.models", "stm.memory", "stm.tasks", "stm.data", "torch.optim")
+
+
+def _within(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in BUILT_FROM)
+
+
+def _builds_known_code(target) -> bool:
+    """Whether a `_target_` names a class or function defined in `BUILT_FROM`: the path is checked before anything
+    is imported, and the object it leads to after (`stm.tasks.lm.torch.load` leads out of stm: refused)."""
+    from hydra.utils import get_object
+
+    if not isinstance(target, str) or not _within(target.rsplit(".", 1)[0]):
+        return False
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: say which and why
-        raise ValueError(f"ckpt_path: could not read {path} as a PyTorch checkpoint ({err})") from err
-    stm_info = checkpoint.get("stm") if isinstance(checkpoint, dict) else None
-    if not stm_info or not stm_info.get("config"):
+        module = getattr(get_object(target), "__module__", None)
+    except Exception:  # noqa: BLE001 - nothing to build: instantiate gives its own error, naming the key
+        return True
+    return isinstance(module, str) and _within(module)
+
+
+def _leaves(node, prefix: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every entry in nested dicts and lists."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}.{key}")
+        return
+    if isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{prefix}[{i}]")
+        return
+    yield prefix, node
+
+
+def check_stored_config(config: Mapping, path: Path, trust: bool = False) -> None:
+    """The run config stored in a checkpoint has the sections eval.py builds, each with a `_target_` (memory:
+    its mechanisms); without trust, it builds nothing but stm's classes and torch optimizers, and asks no
+    library to run code it downloads (`trust_remote_code`)."""
+    where = f"the stm config stored in {path}"
+    for section in STORED_SECTIONS:
+        value = config.get(section)
+        if not isinstance(value, Mapping) or not value:
+            state = "has no" if value is None else "has an empty" if isinstance(value, Mapping) else \
+                f"has a {type(value).__name__} for its"
+            raise ConfigError(f"ckpt_path: {where} {state} '{section}' section (checkpoint key stm.config.{section}); "
+                              f"a checkpoint of stm's train.py stores {', '.join(STORED_SECTIONS)}")
+        if section != "memory" and not value.get("_target_"):
+            raise ConfigError(f"ckpt_path: {where} has no '{section}._target_' (checkpoint key "
+                              f"stm.config.{section}._target_): nothing says what to build for {section}")
+    if trust:
+        return
+    for section in STORED_SECTIONS:
+        for key, value in _leaves(config[section], section):
+            name = key.rsplit(".", 1)[-1]
+            if name == "_target_" and not _builds_known_code(value):
+                raise UntrustedCheckpointError(
+                    f"ckpt_path: refused to evaluate {path}: {where} builds {key}={value}, which is not one of "
+                    f"{', '.join(BUILT_FROM)}, so building it would run code that the checkpoint chose. "
+                    f"{TRUST_HINT}.")
+            if name == "trust_remote_code" and value:
+                raise UntrustedCheckpointError(
+                    f"ckpt_path: refused to evaluate {path}: {where} sets {key}={value}, which runs code downloaded "
+                    f"with the model or data. {TRUST_HINT}.")
+
+
+def load_checkpoint_config(ckpt_path: str | Path, trust: bool = False) -> tuple[DictConfig, dict]:
+    """The run config and validation metrics that stm stored in a checkpoint, read as plain data
+    (`stm.resume.read_checkpoint`) and checked (`check_stored_config`)."""
+    path = Path(ckpt_path).expanduser()
+    checkpoint = read_checkpoint(path, trust=trust)
+    stm_info = checkpoint.get("stm")
+    if not isinstance(stm_info, Mapping) or not stm_info.get("config"):
         raise ValueError(f"ckpt_path: {path} is not an stm checkpoint (no 'stm' config stored in it); "
                          f"it must come from stm's train.py")
-    return OmegaConf.create(stm_info["config"]), stm_info.get("val_metrics", {})
+    config = stm_info["config"]
+    if isinstance(config, DictConfig):  # an older stm's checkpoint, read with trust_checkpoint=true
+        config = OmegaConf.to_container(config, resolve=True)
+    if not isinstance(config, Mapping):
+        raise ValueError(f"ckpt_path: the stm config stored in {path} (checkpoint key stm.config) is a "
+                         f"{type(config).__name__}, not a mapping of config sections")
+    check_stored_config(config, path, trust)
+    recorded = stm_info.get("val_metrics") or {}
+    return OmegaConf.create(dict(config)), dict(recorded) if isinstance(recorded, Mapping) else {}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -246,7 +329,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     Under `trainer=ddp_cpu` / `ddp` the validation data is split across the ranks and the sums are added up."""
     validate_trainer_config(cfg)
     with ddp_job("evaluate", cfg):
-        run_cfg, recorded = load_checkpoint_config(cfg.ckpt_path)
+        trust = trusts_checkpoints(cfg)
+        run_cfg, recorded = load_checkpoint_config(cfg.ckpt_path, trust)  # refuses a file that needs code to load
         if cfg.get("data_overrides"):
             run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data_overrides)
         seed_everything(cfg.get("seed"))
@@ -254,7 +338,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         compile_backbone(parts["model"], cfg.trainer.get("compile"))
         trainer, loggers = build_trainer(cfg)
         try:
-            results = trainer.validate(parts["task"], datamodule=parts["datamodule"], ckpt_path=cfg.ckpt_path)
+            results = trainer.validate(parts["task"], datamodule=parts["datamodule"], ckpt_path=cfg.ckpt_path,
+                                       weights_only=not trust)
         finally:
             _finish_wandb(loggers)
         metrics = {k: float(v) for k, v in results[0].items()} if results else {}
