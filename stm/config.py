@@ -19,13 +19,24 @@ class ConfigError(ValueError):
 
 
 def config_dir() -> Path:
-    """The project's `conf/` folder (next to the `stm` package in a checkout or editable install)."""
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    if not (conf / "train.yaml").is_file():
-        raise FileNotFoundError(
-            f"stm's Hydra configs were not found at {conf}; install stm from a checkout with `pip install -e .`"
-        )
-    return conf
+    """stm's Hydra configs: the package `stm.conf` of an installed wheel, else the checkout's top-level `conf/`.
+
+    A wheel carries conf/ as stm/conf/ (pyproject.toml maps the package `stm.conf` to conf/); a checkout, or an
+    editable install of one (`pip install -e .`, what bootstrap.py does), reads the checkout's conf/ in place.
+    """
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    checkout = package.parent / "conf"
+    if (installed / "train.yaml").is_file():
+        return installed
+    # a checkout is recognised by its pyproject.toml too, so that some other project's conf/ in site-packages
+    # (next to an installed stm without configs) is never taken for stm's
+    if (checkout / "train.yaml").is_file() and (package.parent / "pyproject.toml").is_file():
+        return checkout
+    raise FileNotFoundError(
+        f"stm's Hydra configs (train.yaml) were found neither in the installed package at {installed} nor in a "
+        f"checkout at {checkout}: install stm from its wheel or a checkout (`pip install .` or `pip install -e .`)"
+    )
 
 
 def wandb_offline() -> bool:
