@@ -81,3 +81,50 @@ def read_csv_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# --- every memory mechanism, from the one place that lists them: the options of conf/memory/ ----------------
+
+def memory_options() -> list[str]:
+    """The mechanisms: every option of the `memory` config group (conf/memory/<name>.yaml)."""
+    return sorted(p.stem for p in (config_dir() / "memory").glob("*.yaml"))
+
+
+def small_memory(name: str, **sizes):
+    """Mechanism `name` (or a composition "a+b") built from its YAML, with any option named in `sizes` that the
+    YAML has set to that value (small sizes that matter in short test streams), not yet bound."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from stm.memory import ComposedMemory
+
+    if "+" in name:
+        return ComposedMemory([small_memory(part, **sizes) for part in name.split("+")])
+    cfg = OmegaConf.load(config_dir() / "memory" / f"{name}.yaml")
+    for key, value in sizes.items():
+        if key in cfg:
+            cfg[key] = value
+    return instantiate(cfg)
+
+
+def memory_names(**sizes) -> list[str]:
+    """Every mechanism, and every pair of them that may compose (a composition that builds, binds and prepares
+    without an error; `none` composes with anything and is left out of pairs)."""
+    import itertools
+
+    import torch
+
+    from stm.models import Transformer
+
+    options = memory_options()
+    model = Transformer(vocab_size=16, d_model=16, n_layers=1, n_heads=2)
+    pairs = []
+    for a, b in itertools.combinations([o for o in options if o != "none"], 2):
+        try:
+            memory = small_memory(f"{a}+{b}", **sizes)
+            memory.bind(model)
+            memory.prepare(memory.init_state(1, torch.device("cpu")))
+        except ValueError:
+            continue
+        pairs.append(f"{a}+{b}")
+    return options + pairs

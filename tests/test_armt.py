@@ -171,6 +171,9 @@ def test_a_stored_state_naming_an_unknown_class_is_refused_without_importing():
     assert "antigravity" not in sys.modules
     with pytest.raises(TypeError, match="not a dataclass"):
         state_from_plain({"__state__": "os:system"})
+    # a dataclass of a loaded module that is not a memory module is refused too (its __post_init__ could act)
+    with pytest.raises(TypeError, match="not a dataclass of a loaded memory module"):
+        state_from_plain({"__state__": "stm.data.conditional:ExampleInfo"})
 
 
 # --- the contract: merge rule and auxiliary losses --------------------------------------------------------

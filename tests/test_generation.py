@@ -4,36 +4,26 @@ import itertools
 
 import pytest
 import torch
+from conftest import memory_names, small_memory
 
 from stm.generation import SegmentDecoder, generate, sample_next
 from stm.memory import (
     AssociativeMemory,
     ComposedMemory,
     FullAttention,
-    NoMemory,
     RecurrentMemoryTokens,
-    SegmentRecurrence,
-    SlidingWindow,
 )
 from stm.models import Transformer
 
-MECHANISMS = {
-    "none": lambda: NoMemory(),
-    "full": lambda: FullAttention(),
-    "rmt": lambda: RecurrentMemoryTokens(num_memory_tokens=3),
-    "xl": lambda: SegmentRecurrence(mem_len=6, sink_tokens=2),
-    "swa": lambda: SlidingWindow(window=5, sink_tokens=1),
-    "rmt+swa": lambda: ComposedMemory([RecurrentMemoryTokens(num_memory_tokens=2), SlidingWindow(window=4)]),
-    "rmt+xl": lambda: ComposedMemory([RecurrentMemoryTokens(num_memory_tokens=2), SegmentRecurrence(mem_len=5)]),
-    "armt": lambda: AssociativeMemory(num_memory_tokens=3, key_dim=8),
-    "armt+swa": lambda: ComposedMemory([AssociativeMemory(num_memory_tokens=2, key_dim=8), SlidingWindow(window=4)]),
-}
+# every mechanism of conf/memory and every pair that composes (memory tokens, caches with sinks, windows)
+SIZES = dict(num_memory_tokens=3, mem_len=6, window=5, sink_tokens=1, key_dim=8)
+MECHANISMS = memory_names(**SIZES)
 
 
 def make(name, seed=0, vocab=50):
     torch.manual_seed(seed)
     model = Transformer(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, tie_embeddings=False).eval()
-    memory = MECHANISMS[name]()
+    memory = small_memory(name, **SIZES)
     memory.bind(model)
     if isinstance(memory, (RecurrentMemoryTokens, AssociativeMemory, ComposedMemory)):  # non-trivial memory
         for name, p in memory.named_parameters():  # memory tokens at scale 1, associative projections smaller

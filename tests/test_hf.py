@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import memory_names, small_memory
 from torch import nn
 
 from stm.memory import (
     AssociativeMemory,
-    ComposedMemory,
     FullAttention,
     NoMemory,
     RecurrentMemoryTokens,
@@ -239,19 +239,9 @@ def twins(tmp_path_factory) -> tuple[nn.Module, HFCausalLM]:
     return ref, HFCausalLM(str(path)).eval()
 
 
-MECHANISMS = {
-    "none": lambda: NoMemory(),
-    "xl_trimmed_with_sinks": lambda: SegmentRecurrence(mem_len=10, sink_tokens=3),
-    "swa_with_sinks": lambda: SlidingWindow(window=7, sink_tokens=2),
-    "rmt": lambda: RecurrentMemoryTokens(num_memory_tokens=4, init_std=1.0),
-    "rmt+swa": lambda: ComposedMemory([RecurrentMemoryTokens(num_memory_tokens=3, init_std=1.0),
-                                       SlidingWindow(window=9, sink_tokens=2)]),
-    "rmt+xl": lambda: ComposedMemory([RecurrentMemoryTokens(num_memory_tokens=3, init_std=1.0),
-                                      SegmentRecurrence(mem_len=12)]),
-    "armt": lambda: AssociativeMemory(num_memory_tokens=4, key_dim=8, init_std=1.0),
-    "armt+swa": lambda: ComposedMemory([AssociativeMemory(num_memory_tokens=3, key_dim=8, layers=[-1], init_std=1.0),
-                                        SlidingWindow(window=9, sink_tokens=2)]),
-}
+# every mechanism of conf/memory and every pair that composes: sinks, trimmed caches, strong memory tokens
+SIZES = dict(num_memory_tokens=4, init_std=1.0, mem_len=10, window=9, sink_tokens=2, key_dim=8)
+MECHANISMS = memory_names(**SIZES)
 
 
 def strong_associative_memory(memory):
@@ -269,7 +259,7 @@ def test_every_mechanism_matches_stms_own_transformer(twins, stream, mechanism):
     """Sinks, trimmed caches (re-based rotary positions), memory tokens, windows and padding, all at once."""
     ref, hf = twins
     torch.manual_seed(0)
-    memory = MECHANISMS[mechanism]()
+    memory = small_memory(mechanism, **SIZES)
     memory.bind(ref)  # one module (one initial memory) for both backbones
     strong_associative_memory(memory)
     mask = torch.ones_like(stream, dtype=torch.bool)
@@ -287,7 +277,7 @@ def test_cached_decoding_on_hf_equals_rereading_and_stms_transformer(twins, stre
 
     ref, hf = twins
     torch.manual_seed(0)
-    memory = MECHANISMS[mechanism]()
+    memory = small_memory(mechanism, **SIZES)
     memory.bind(ref)
     strong_associative_memory(memory)
     ctx = stream[:, :2 * SEG + 3]

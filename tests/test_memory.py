@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import memory_names, small_memory
 
 from stm.memory import (
-    AssociativeMemory,
     ComposedMemory,
     FullAttention,
     NoMemory,
@@ -215,27 +215,19 @@ def test_rmt_generation_drops_write_tokens_until_a_segment_completes():
 
 # --- all mechanisms ---------------------------------------------------------------------------------------
 
-MECHANISMS = {
-    "none": lambda m: NoMemory(),
-    "full": lambda m: FullAttention(),
-    "rmt": lambda m: bound(RecurrentMemoryTokens(num_memory_tokens=3), m),
-    "xl": lambda m: SegmentRecurrence(mem_len=10),
-    "swa": lambda m: SlidingWindow(window=7),
-    "rmt+swa": lambda m: bound(ComposedMemory([RecurrentMemoryTokens(num_memory_tokens=3), SlidingWindow(7)]), m),
-    "rmt+xl": lambda m: bound(ComposedMemory([RecurrentMemoryTokens(num_memory_tokens=3),
-                                              SegmentRecurrence(mem_len=10)]), m),
-    "armt": lambda m: bound(AssociativeMemory(num_memory_tokens=3, key_dim=8), m),
-    "armt+swa": lambda m: bound(ComposedMemory([AssociativeMemory(num_memory_tokens=3, key_dim=8),
-                                                SlidingWindow(7)]), m),
-    "armt+xl": lambda m: bound(ComposedMemory([AssociativeMemory(num_memory_tokens=2, key_dim=8),
-                                               SegmentRecurrence(mem_len=10)]), m),
-}
+# every mechanism of conf/memory and every pair that composes, sized to matter in streams of 32-40 tokens
+SIZES = dict(num_memory_tokens=3, mem_len=10, window=7, key_dim=8)
+MECHANISMS = memory_names(**SIZES)
+
+
+def mechanism(name, model):
+    return bound(small_memory(name, **SIZES), model)
 
 
 @pytest.mark.parametrize("name", [n for n in MECHANISMS if n != "full"])
 def test_one_lane_equals_segment_calls_with_state_passed_by_hand(name):
     model, x = make_model(), fresh_stream(T=40)
-    memory = MECHANISMS[name](model)
+    memory = mechanism(name, model)
     whole = run_segments(model, memory, x, segment_len=8, labels=x, return_logits=True)
     state, parts, nll = None, [], 0.0
     for s in range(0, 40, 8):
@@ -253,7 +245,7 @@ def test_checkpointed_segments_give_the_same_gradients(name):
     grads = []
     for ckpt in (False, True):
         model = make_model().train()
-        memory = MECHANISMS[name](model)
+        memory = mechanism(name, model)
         run_segments(model, memory, x, segment_len=8, labels=x, checkpoint_segments=ckpt).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     close(grads[0], grads[1])
@@ -277,13 +269,13 @@ def test_composition_errors_are_clear():
         RecurrentMemoryTokens(placement="middle")
 
 
-@pytest.mark.parametrize("name", ["none", "rmt", "xl", "swa", "armt", "armt+xl"])
+@pytest.mark.parametrize("name", [n for n in MECHANISMS if n != "full"])
 def test_state_is_flat_in_stream_length(name):
     """Inference state does not grow with the stream: the same size after 4 and after 40 segments."""
     from stm.memory.base import map_state
 
     model = make_model()
-    memory = MECHANISMS[name](model)
+    memory = mechanism(name, model)
 
     def state_numel(T):
         state = run_segments(model, memory, fresh_stream(B=1, T=T), segment_len=8).state
@@ -304,13 +296,13 @@ def test_generation_with_xl_covering_history_equals_full():
     torch.testing.assert_close(c, b)
 
 
-@pytest.mark.parametrize("name", ["none", "rmt", "xl", "swa", "rmt+swa", "armt+xl"])
+@pytest.mark.parametrize("name", [n for n in MECHANISMS if n != "full"])
 def test_state_survives_a_checkpoint(name, tmp_path):
     """A carried state stored in a checkpoint (plain containers, weights_only loading) continues identically."""
     from stm.memory.base import state_from_plain, state_to_plain
 
     model, x = make_model(), fresh_stream(T=32)
-    memory = MECHANISMS[name](model)
+    memory = mechanism(name, model)
     first = run_segments(model, memory, x[:, :16], segment_len=8)
     torch.save({"state": state_to_plain(first.state)}, tmp_path / "s.pt")
     restored = state_from_plain(torch.load(tmp_path / "s.pt", weights_only=True)["state"])

@@ -287,8 +287,9 @@ def state_to_plain(state: State):
 
 
 def _state_class(name: str) -> type:
-    """The dataclass a stored state names. Only classes of modules that are already imported (the mechanisms in
-    use import theirs) are accepted, and only dataclasses: restoring a state never imports or runs code."""
+    """The dataclass a stored state names. Only dataclasses of memory modules already imported are accepted
+    (stm.memory.* or a module that defines a Memory subclass, as a mechanism of your own does): restoring a state
+    never imports a module, and builds nothing else."""
     if ":" in name:
         module_name, qualname = name.split(":", 1)
         candidates = [sys.modules.get(module_name)]
@@ -296,13 +297,22 @@ def _state_class(name: str) -> type:
         qualname = name
         candidates = [m for n, m in list(sys.modules.items()) if n.startswith("stm.memory.")]
     for module in candidates:
+        if module is None or not _is_memory_module(module):
+            continue
         obj = module
         for part in qualname.split("."):
             obj = getattr(obj, part, None)
-        if isinstance(obj, type) and dataclasses.is_dataclass(obj):
+        if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__:
             return obj
     raise TypeError(f"a stored memory state names the class {name!r}, which is not a dataclass of a loaded memory "
                     f"module; build the memory mechanism (memory=...) before restoring its state")
+
+
+def _is_memory_module(module) -> bool:
+    if module.__name__.startswith("stm.memory."):
+        return True
+    return any(isinstance(v, type) and issubclass(v, Memory) and v.__module__ == module.__name__
+               for v in vars(module).values())
 
 
 def state_from_plain(plain, device=None) -> State:
