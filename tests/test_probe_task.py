@@ -14,8 +14,8 @@ from conftest import ROOT, load_json, read_csv_metrics, run_script
 
 from stm import horizon
 from stm.data.conditional import ExampleInfo
-from stm.data.curriculum import CurriculumBatchSampler, CurriculumDataModule, check_stages
-from stm.data.probes import RecallSource
+from stm.data.curriculum import CurriculumBatchSampler, CurriculumDataModule, check_stages, stage_source
+from stm.data.probes import MQARSource, RecallSource
 from stm.data.tokenizers import ByteTokenizer
 from stm.run import build_components, train
 from stm.tasks.probe import DistanceAccuracy, bucket_names, horizon_table, mechanism_name
@@ -197,6 +197,13 @@ def test_curriculum_moves_on_when_the_loss_is_low_or_at_its_step():
 def test_curriculum_rejects_sources_it_cannot_vary_and_unknown_parameters():
     with pytest.raises(ValueError, match=r"curriculum\[0\].*lenght"):
         curriculum_module([{"lenght": 10, "until_step": 5}, {}])
+
+
+def test_curriculum_names_the_stage_and_length_a_generator_refuses():
+    source = MQARSource(n_samples=8, n_pairs=2, key_vocab=10, value_vocab=10, length=64)
+    with pytest.raises(ValueError, match=r"curriculum\[1\] \(stage 2 of the training curriculum, overriding "
+                                         r"\{'length': 10\}.*'n_pairs': 2.*length 10 holds no 2 pairs"):
+        stage_source(source, {"length": 10}, 1)
 
 
 # ------------------------------------------------------------------------------------ collecting runs

@@ -78,10 +78,11 @@ def stage_source(source: ProbeSource, overrides: dict, stage: int) -> ProbeSourc
             setattr(stage_src, key, value)
         else:
             stage_src.params[key] = value
-    try:  # a wrong parameter name fails here, with the stage named
+    try:  # a wrong parameter name or a value the generator refuses fails here, with the stage named
         stage_src.generate(1)
-    except TypeError as err:
-        raise ValueError(f"data.curriculum[{stage}]: {err} (overrides {overrides})") from err
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"data.curriculum[{stage}] (stage {stage + 1} of the training curriculum, overriding "
+                         f"{overrides} on the train source {stage_src.params}): {err}") from err
     return stage_src
 
 
