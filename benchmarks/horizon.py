@@ -1,14 +1,16 @@
 """Memory horizon: run a horizon sweep (or take finished ones), collect the curves, save them with the machine.
 
-    python benchmarks/horizon.py                      # experiment=horizon: none, full, swa, xl, rmt (~15 min, CPU)
+    python benchmarks/horizon.py                      # experiment=horizon, every conf/probe_memory/ preset (CPU)
     python benchmarks/horizon.py --seeds 0,1,2,3,4 --memory rmt --name horizon_rmt_seeds
     python benchmarks/horizon.py --collect logs/horizon/multiruns/<time> --name horizon
+    python benchmarks/horizon.py --capacity hydra/launcher=joblib   # experiment=capacity, 2 jobs at a time
 
 Runs `train.py -m experiment=<experiment> probe_memory=<memory> seed=<seeds> [overrides]` one job at a time
 (torch threads as set by --threads), then `stm.horizon.collect` over the sweep folder(s), and writes
 `benchmarks/results/<name>.json` (the command, environment, per-run rows, pooled curves, table) and, with
 --plot, the figure. The per-run `horizon.json` and `csv/metrics.csv` are copied under
-`benchmarks/results/<name>/` so that the notebook can show them without the logs folder.
+`benchmarks/results/<name>/` so that the notebook can show them without the logs folder. With --capacity
+(experiment=capacity, name capacity) the collected view is the capacity one: accuracy by mechanism and K.
 """
 
 from __future__ import annotations
@@ -58,33 +60,43 @@ def keep_runs(roots: list[Path], target: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", default="horizon")
-    parser.add_argument("--memory", default="none,full,swa,xl,rmt", help="probe_memory choices, comma-separated")
+    parser.add_argument("--experiment", help="default: horizon, or capacity with --capacity")
+    parser.add_argument("--capacity", action="store_true",
+                        help="experiment=capacity and its view: accuracy by mechanism and number of pairs K")
+    parser.add_argument("--memory", default="glob(*)", help="probe_memory choices, comma-separated (default: every "
+                        "preset in conf/probe_memory/)")
     parser.add_argument("--seeds", default="0", help="run seeds, comma-separated")
     parser.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per job")
     parser.add_argument("--collect", nargs="*", help="only collect these finished sweep folders")
-    parser.add_argument("--name", default="horizon", help="results/<name>.json")
+    parser.add_argument("--name", help="results/<name>.json (default: the experiment's name)")
     parser.add_argument("--plot", help="also write the figure here (e.g. docs/horizon.png)")
     parser.add_argument("--solve-at", type=float, default=0.99)
     parser.add_argument("--note", help="free text kept with the result (e.g. the command that ran a collected sweep)")
     parser.add_argument("overrides", nargs="*", help="more train.py overrides for every job")
     args = parser.parse_args()
+    args.experiment = args.experiment or ("capacity" if args.capacity else "horizon")
+    args.name = args.name or args.experiment
     set_threads(args.threads)
     seconds = None
     if args.collect:
         roots = [Path(p) for p in args.collect]
     else:
-        sweep_dir = REPO_ROOT / "logs" / "horizon" / "multiruns" / f"{args.name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        sweep_dir = REPO_ROOT / "logs" / args.experiment / "multiruns" / f"{args.name}_{stamp}"
         seconds = run_sweep(args.experiment, args.memory, args.seeds, args.overrides, sweep_dir, args.threads)
         roots = [sweep_dir]
-    result = horizon.collect(roots, args.solve_at)
+    result = horizon.collect_capacity(roots) if args.capacity else horizon.collect(roots, args.solve_at)
     print(result["table"])
-    print("solved:", result["solved"])
+    if not args.capacity:
+        print("solved:", result["solved"])
     keep_runs(roots, RESULTS_DIR / args.name)
     payload = {"command": command_line(), "note": args.note, "environment": environment(),
                "threads_per_job": args.threads, "sweep_seconds": seconds, **result}
     print(f"written {save_result(args.name, payload)}")
-    if args.plot:
+    if args.plot and args.capacity:
+        horizon.plot_capacity(result, args.plot)
+        print(f"written {args.plot}")
+    elif args.plot:
         horizon.plot(horizon.load_runs(roots), args.plot)
         print(f"written {args.plot}")
 

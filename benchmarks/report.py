@@ -35,6 +35,7 @@ SECTIONS = {  # README marker name -> (benchmark field, full-size file, small va
     "tokenize": ("tokenize_throughput", "tokenize_throughput.json", "tokenize_throughput_quick.json"),
     "tasks": ("task_runs", "task_runs.json", "task_runs_quick.json"),
     "horizon": ("horizon", "horizon.json", "horizon_quick.json"),
+    "capacity": ("horizon", "capacity.json", "capacity_quick.json"),
 }
 
 
@@ -285,8 +286,19 @@ def render_horizon(data: dict, small: bool) -> str:
             f"Runs that solve the probe (far accuracy >= 99%): {solved or '-'}.")
 
 
+def render_capacity(data: dict, small: bool) -> str:
+    seconds = data.get("sweep_seconds")
+    took = f", the whole sweep {seconds / 60:.0f} min" if seconds else ""
+    return (f"**Capacity** (multi-query associative recall: K pairs spread over the context, every key asked at "
+            f"the end; accuracy per query, chance {fmt(data['chance'])}; `python benchmarks/horizon.py --capacity "
+            f"--plot benchmarks/results/capacity.png hydra/launcher=joblib`, which runs `python train.py -m "
+            f"experiment=capacity`{took}).\n\n{provenance(data, small)}\n\n"
+            f"![capacity curves](benchmarks/results/capacity.png)\n\n```\n{data['table'].rstrip()}\n```")
+
+
 RENDER = {"train_speed": render_train_speed, "train_speed_bf16": render_train_speed, "stream": render_stream,
-          "gpu": render_gpu, "tokenize": render_tokenize, "tasks": render_tasks, "horizon": render_horizon}
+          "gpu": render_gpu, "tokenize": render_tokenize, "tasks": render_tasks, "horizon": render_horizon,
+          "capacity": render_capacity}
 
 
 def write_readme(readme: Path, sections: dict[str, str]) -> list[str]:

@@ -167,3 +167,25 @@ def test_a_task_on_the_wrong_kind_of_data_is_refused(train_config):
     with pytest.raises(ConfigError, match="ProbeTask needs context -> target examples, but data: "
                                           "stm.data.TextDataModule gives plain text"):
         build_components(train_config(["task=probe", "data=austen"]))
+
+
+@pytest.mark.parametrize("experiment", ["horizon", "capacity"])
+def test_probe_sweeps_take_every_mechanism_from_its_preset_folder(experiment):
+    """The probe sweeps list no mechanisms: `probe_memory: glob(*)` expands, as Hydra's sweeper does it, to every
+    preset in conf/probe_memory/, and every mechanism of conf/memory/ has a preset there, so a new mechanism
+    joins the horizon and capacity sweeps by its files alone."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    spec = cfg.hydra.sweeper.params["probe_memory"]
+    assert spec.startswith("glob(")
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF)))
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides([f"probe_memory={spec}"])
+    jobs = [job[0].split("=")[1] for job in BasicSweeper.split_arguments(parsed, None)[0]]
+    assert jobs == options("probe_memory")
+    assert set(options("memory")) <= set(options("probe_memory")), "a mechanism without a conf/probe_memory preset"
