@@ -324,21 +324,122 @@ def load_checkpoint_config(ckpt_path: str | Path, trust: bool = False) -> tuple[
     return OmegaConf.create(dict(config)), dict(recorded) if isinstance(recorded, Mapping) else {}
 
 
+# the sections of the composed config that a checkpoint's stored run config replaces (and `experiment`, which sets them)
+REPLACED_BY_CHECKPOINT = (*STORED_SECTIONS, "experiment")
+
+
+def _command_line_overrides() -> list[str]:
+    """The overrides of the current Hydra job (none outside one, e.g. on the other ranks of a DDP job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def _override_section(override: str) -> str:
+    """The top-level config key an override sets: `memory=xl` -> memory, `source@data.val_source=x` -> data."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    if "@" in key:
+        key = key.split("@", 1)[1]
+    return key.split(".", 1)[0].split("/", 1)[0]
+
+
+def refuse_section_overrides(ckpt_path) -> None:
+    """With a checkpoint, model, memory, task, tokenizer and data come from the run config stored in it: an
+    override of them on the command line would be silently unused, so it is an error that says what to do."""
+    ignored = [o for o in _command_line_overrides() if _override_section(o) in REPLACED_BY_CHECKPOINT]
+    if ignored:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: {', '.join(ignored)} would not be used: with a checkpoint, "
+            f"{', '.join(STORED_SECTIONS)} come from the run config stored in it. Change its data with "
+            f"+data_overrides.<key>=<value>, or drop ckpt_path to evaluate the configured model as it is")
+
+
+def loaded_from_pretrained(module: torch.nn.Module) -> bool:
+    """Whether a module's weights came from a file when it was built: a Hugging Face model that `from_pretrained`
+    loaded (it knows the name or folder it came from), or any module that says so with `stm_pretrained = True`."""
+    if getattr(module, "stm_pretrained", False):
+        return True
+    modeling = sys.modules.get("transformers.modeling_utils")  # no Hugging Face model was built without it
+    return modeling is not None and isinstance(module, modeling.PreTrainedModel) and \
+        bool(getattr(module, "name_or_path", ""))
+
+
+def untrained_parameters(task: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter of a freshly built task that no weights file has set: all of them but
+    those inside modules loaded from pretrained weights. So stm's own transformer counts whole, a pretrained
+    Hugging Face model not at all, and the memory's parameters (memory tokens, associative projections) and
+    anything else stm adds always; a parameter shared with a pretrained module (tied weights) counts as loaded, and
+    so do peft's LoRA adapters inside one (fresh adapters are zero updates: the base model's numbers)."""
+    loaded = {id(p) for m in task.modules() if loaded_from_pretrained(m) for p in m.parameters()}
+    return [(name, p) for name, p in task.named_parameters() if id(p) not in loaded]
+
+
+def _describe_untrained(task: torch.nn.Module, untrained: list[tuple[str, torch.nn.Parameter]],
+                        shown: int = 6) -> list[str]:
+    """One line per top-level module with untrained parameters: its class, how many, and their first names."""
+    lines = []
+    for top in dict.fromkeys(name.split(".", 1)[0] for name, _ in untrained):
+        params = [(name, p) for name, p in untrained if name.split(".", 1)[0] == top]
+        module = task.get_submodule(top)
+        n_all = len(list(module.parameters()))
+        count = f"all {n_all} parameters" if len(params) == n_all and n_all > 1 else \
+            f"its {n_all} parameter" if n_all == 1 else f"{len(params)} of its {n_all} parameters"
+        names = ", ".join(f"{name} {tuple(p.shape)}" for name, p in params[:shown])
+        more = f", ... and {len(params) - shown} more" if len(params) > shown else ""
+        lines.append(f"  {top} ({type(module).__name__}): {count}, {sum(p.numel() for _, p in params):,} values: "
+                     f"{names}{more}")
+    return lines
+
+
+def check_trained(task: torch.nn.Module, cfg: DictConfig) -> list[str]:
+    """Without a checkpoint: the names of the task's untrained parameters, where `allow_untrained=true` says to
+    evaluate anyway; else, if there are any, an error naming them and the ways to proceed."""
+    allow = cfg.get("allow_untrained", False)
+    if allow is not None and not isinstance(allow, bool):
+        raise ConfigError(f"allow_untrained must be true or false, got {allow!r}")
+    untrained = untrained_parameters(task)
+    if untrained and not allow:
+        n_values = sum(p.numel() for _, p in untrained)
+        raise ConfigError("\n".join([
+            f"eval.py without ckpt_path evaluates the configured model as it is, but {len(untrained)} of its "
+            f"parameters ({n_values:,} values) are freshly initialised: no checkpoint trained them and no "
+            f"pretrained weights hold them, so the metrics would say nothing about the model:",
+            *_describe_untrained(task, untrained),
+            "To proceed: train them (python train.py ...) and evaluate the checkpoint (python eval.py "
+            "ckpt_path=...); or choose a pretrained model and a memory without parameters (e.g. model=smollm2_135m "
+            "memory=xl memory.xl.sink_tokens=4; memory=none, full, xl and swa add none); or evaluate anyway with "
+            "allow_untrained=true (the names are recorded in eval_metrics.json)."]))
+    return [name for name, _ in untrained]
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Validate a checkpoint on the data of its run (or the overrides given), print and return the metrics.
-    Under `trainer=ddp_cpu` / `ddp` the validation data is split across the ranks and the sums are added up."""
+    """Validate on a task's validation data, print and return the metrics, and write eval_metrics.json.
+
+    With `ckpt_path`: the checkpoint, on the data of its run (or the overrides given). Without: the configured
+    model as it is (pretrained weights), refused when it has freshly initialised parameters (`check_trained`)
+    unless `allow_untrained=true`. Under `trainer=ddp_cpu` / `ddp` the validation data is split across the ranks
+    and the sums are added up."""
     validate_trainer_config(cfg)
     with ddp_job("evaluate", cfg):
         trust = trusts_checkpoints(cfg)
-        run_cfg, recorded = load_checkpoint_config(cfg.ckpt_path, trust)  # refuses a file that needs code to load
+        ckpt_path = cfg.get("ckpt_path") or None
+        if ckpt_path:
+            refuse_section_overrides(ckpt_path)
+            run_cfg, recorded = load_checkpoint_config(ckpt_path, trust)  # refuses a file that needs code to load
+        else:
+            validate_train_config(cfg)
+            run_cfg, recorded = cfg, {}
         if cfg.get("data_overrides"):
             run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data_overrides)
         seed_everything(cfg.get("seed"))
         parts = build_components(run_cfg)
+        untrained = check_trained(parts["task"], cfg) if not ckpt_path else []
         compile_backbone(parts["model"], cfg.trainer.get("compile"))
         trainer, loggers = build_trainer(cfg)
         try:
-            results = trainer.validate(parts["task"], datamodule=parts["datamodule"], ckpt_path=cfg.ckpt_path,
+            results = trainer.validate(parts["task"], datamodule=parts["datamodule"], ckpt_path=ckpt_path,
                                        weights_only=not trust)
         finally:
             _finish_wandb(loggers)
@@ -347,10 +448,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             return metrics
         out = _output_dir(cfg)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_metrics.json").write_text(json.dumps(
-            {"ckpt_path": str(cfg.ckpt_path), "metrics": metrics, "recorded_in_checkpoint": recorded,
-             "world_size": trainer.world_size}, indent=2))
-        lines = [f"stm eval: {cfg.ckpt_path}"]
+        what = str(ckpt_path) if ckpt_path else "the configured model as it is (no checkpoint): " + ", ".join(
+            f"{key}={run_cfg[key].get('_target_') or '+'.join(run_cfg[key])}" for key in ("model", "memory", "task"))
+        report = {"ckpt_path": str(ckpt_path) if ckpt_path else None, "evaluated": what, "metrics": metrics,
+                  "recorded_in_checkpoint": recorded, "world_size": trainer.world_size}
+        if not ckpt_path:
+            report["untrained_parameters"] = untrained
+            OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+        (out / "eval_metrics.json").write_text(json.dumps(report, indent=2))
+        lines = [f"stm eval: {what}"]
+        if untrained:
+            names = ", ".join(untrained[:6]) + (", ..." if len(untrained) > 6 else "")
+            lines.append(f"  with {len(untrained)} untrained parameters (allow_untrained=true): {names}")
         for key, value in metrics.items():
             note = f" (recorded in the checkpoint: {recorded[key]:.6f})" if key in recorded else ""
             lines.append(f"  {key} = {value:.6f}{note}")

@@ -128,3 +128,18 @@ def memory_names(**sizes) -> list[str]:
             continue
         pairs.append(f"{a}+{b}")
     return options + pairs
+
+
+def save_tiny_llama(path: Path, vocab_size: int = 300) -> Path:
+    """A tiny random Llama (2 layers, d_model 32, 4 heads over 2 kv heads, rotary), saved with save_pretrained
+    into `path`: a pretrained model's folder for `model=hf model.name_or_path=<path>`, offline. The default
+    vocabulary of 300 holds the byte tokenizer's 259 ids."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         initializer_range=0.2, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
