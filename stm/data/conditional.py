@@ -11,6 +11,11 @@ recall probe, `stm.data.probes.mqar`) takes the loss on those spans only: its ot
 ignored, and its `ExampleInfo.answer_labels` says which labels each span became (for teacher-forced scoring).
 Batches pad every example to the longest in the batch (whole segments), so a batch of short dialogues does
 not carry the length of a meeting transcript. Under DDP, each record stays whole on one rank.
+
+Several validation sets in one run (`val_lengths`, for a probe source): e.g. [512, 2048, 8192] builds the val
+source's examples once per length (the source's `length_key` parameter overridden; a mapping {name: {param:
+value}} overrides anything) and validates them all as one set, each example's meta tagged with its set's name
+(`val_set`: "512", ...), which task=probe reports apart (val/512/acc, ...).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from stm.data.chunking import Layout, layout_example
 from stm.data.examples import Example, expand
-from stm.data.probes import char_span_tokens, probe_distances, token_index_of_char
+from stm.data.fieldmap import _plain
+from stm.data.probes import ProbeSource, char_span_tokens, probe_distances, token_index_of_char
 from stm.data.sampling import ShardedSampler
 from stm.segments import IGNORE_INDEX
 
@@ -109,6 +115,34 @@ class LaidOutExamples(Dataset):
                 "label_bytes": torch.from_numpy(self.label_bytes[i]), "index": torch.tensor(i)}
 
 
+def val_set_overrides(val_lengths, source) -> dict[str, dict]:
+    """`data.val_lengths` as {set name: overrides of the val source}: a list of lengths gives {"512": {key: 512},
+    ...} with key the source's `length_key`; a mapping {name: {param: value}} is taken as it is; null gives {}."""
+    val_lengths = _plain(val_lengths)
+    if not val_lengths:
+        return {}
+    if not isinstance(source, ProbeSource):
+        raise ValueError(f"data.val_lengths builds the val source once per length; it needs a probe source "
+                         f"(stm.data.probes, stm.data.babilong), got {source!r}")
+    if isinstance(val_lengths, dict):
+        bad = [name for name, overrides in val_lengths.items() if not isinstance(overrides, dict) or not overrides]
+        if bad:
+            raise ValueError(f"data.val_lengths: as a mapping, each set is a name and a mapping of val source "
+                             f"parameters to override, e.g. {{long: {{{source.length_key}: 8192}}}}; got {bad}")
+        return {str(name): dict(overrides) for name, overrides in val_lengths.items()}
+    if not isinstance(val_lengths, list) or any(not isinstance(n, int) or isinstance(n, bool) or n <= 0
+                                                for n in val_lengths) or len(set(val_lengths)) < len(val_lengths):
+        raise ValueError(f"data.val_lengths must be a list of distinct positive lengths (or a mapping of set names "
+                         f"to val source overrides), got {val_lengths!r}")
+    return {str(n): {source.length_key: n} for n in val_lengths}
+
+
+def concatenate(parts: list[LaidOutExamples]) -> LaidOutExamples:
+    """One set of the examples of several, in order (an example's index is its place in the whole)."""
+    return LaidOutExamples([lay for p in parts for lay in p.layouts], [b for p in parts for b in p.label_bytes],
+                           [info for p in parts for info in p.infos])
+
+
 def pad_collate(pad_token_id: int):
     """Stack examples, right-padding each to the longest (they are whole segments already)."""
     fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0, "target_mask": 0,
@@ -134,7 +168,10 @@ class ConditionalDataModule(L.LightningDataModule):
     examples:      record | turns | sentences (see `stm.data.examples`); respond_as, chat_template (turns),
                    source_key, target_key, n_previous (sentences) configure them.
     append_eos:    end every target with the tokenizer's eos token (what lets generation stop).
-    max_examples:  keep the first N examples of each split (train, val) after expansion; null keeps all.
+    max_examples:  keep the first N examples of each split (train, val) after expansion; null keeps all
+                   (with val_lengths: of each validation set).
+    val_lengths:   null, or several validation sets from a probe val source: a list of lengths, or a mapping
+                   {set name: {parameter: value}} (see the module docstring).
     """
 
     def __init__(self, tokenizer, train_source, val_source, segment_len: int, max_segments: int,
@@ -143,7 +180,7 @@ class ConditionalDataModule(L.LightningDataModule):
                  seed: int | None = 0, on_bad_record: str = "error", examples: str = "record",
                  respond_as: str | None = None, chat_template: bool = False, source_key: str = "en",
                  target_key: str = "es", n_previous: int | None = None, append_eos: bool = True,
-                 max_examples: dict | int | None = None):
+                 max_examples: dict | int | None = None, val_lengths=None):
         super().__init__()
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
@@ -161,17 +198,36 @@ class ConditionalDataModule(L.LightningDataModule):
         if max_examples is None or isinstance(max_examples, int):
             max_examples = {"train": max_examples, "val": max_examples}
         self.max_examples = dict(max_examples)
+        self.val_sets = val_set_overrides(val_lengths, val_source)
         self.sets: dict[str, LaidOutExamples] = {}
         self.skipped: dict[str, list[str]] = {}
 
-    def examples(self, split: str) -> list[Example]:
-        """The split's examples (records expanded, then cut to `max_examples`)."""
-        examples = expand(self.sources[split], **self.expansion)
+    def examples(self, split: str, source=None) -> list[Example]:
+        """The split's examples (records of its source, or of `source`, expanded, then cut to `max_examples`)."""
+        examples = expand(self.sources[split] if source is None else source, **self.expansion)
         limit = self.max_examples.get(split)
         return examples[:limit] if limit is not None else examples
 
-    def build(self, split: str) -> LaidOutExamples:
-        examples = self.examples(split)
+    def build_val(self) -> LaidOutExamples:
+        """The validation set: val_source's examples, or with val_lengths those of every set, concatenated in
+        order, each example's meta tagged with its set's name (`val_set`)."""
+        if not self.val_sets:
+            return self.build("val")
+        parts, skipped = [], []
+        for name, overrides in self.val_sets.items():
+            try:
+                part = self.build("val", self.sources["val"].with_params(**overrides))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"data.val_lengths[{name}] (the val source with {overrides}): {err}") from err
+            for info in part.infos:
+                info.meta["val_set"] = name
+            parts.append(part)
+            skipped += self.skipped["val"]
+        self.skipped["val"] = skipped
+        return concatenate(parts)
+
+    def build(self, split: str, source=None) -> LaidOutExamples:
+        examples = self.examples(split, source)
         texts = [e.context for e in examples] + [e.target for e in examples]
         encoded = self.tokenizer.encode_batch_with_byte_counts(texts)
         contexts, targets = encoded[:len(examples)], encoded[len(examples):]
@@ -229,7 +285,7 @@ class ConditionalDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         for split in ("train", "val"):
             if split not in self.sets:
-                self.sets[split] = self.build(split)
+                self.sets[split] = self.build_val() if split == "val" else self.build(split)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         trainer = getattr(self, "trainer", None)

@@ -17,12 +17,11 @@ not at the next epoch; it runs in the main process, so this works with loader wo
 rank sees the same mean loss (Lightning logs it synchronised only if asked, so each rank reads its own: use
 `until_step` under DDP for identical stage changes). The stage, its first step and the recent losses are in
 the data module's state dict, so a resumed run continues in its stage. Validation always reads `val_source`
-as configured: the target distribution, not the current stage.
+as configured (one set per length with `val_lengths`): the target distribution, not the current stage.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections import deque
@@ -71,13 +70,7 @@ def stage_source(source: ProbeSource, overrides: dict, stage: int) -> ProbeSourc
     if not isinstance(source, ProbeSource):
         raise ValueError(f"data.curriculum: stages override a probe generator's parameters; the train source "
                          f"{source!r} is not a probe source (stm.data.probes)")
-    stage_src = copy.copy(source)
-    stage_src.params = dict(source.params)
-    for key, value in overrides.items():
-        if key in ("n_samples", "seed"):
-            setattr(stage_src, key, value)
-        else:
-            stage_src.params[key] = value
+    stage_src = source.with_params(**overrides)
     try:  # a wrong parameter name or a value the generator refuses fails here, with the stage named
         stage_src.generate(1)
     except (TypeError, ValueError) as err:
@@ -206,7 +199,7 @@ class CurriculumDataModule(ConditionalDataModule):
                 self.sources["train"] = base
             self.sets["train"] = self.stage_sets[-1]
         if "val" not in self.sets:
-            self.sets["val"] = self.build("val")
+            self.sets["val"] = self.build_val()
 
     def _segments(self, examples: LaidOutExamples) -> int:
         return max(len(lay.input_ids) for lay in examples.layouts) // self.segment_len

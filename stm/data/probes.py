@@ -26,6 +26,7 @@ Formats (every context ends with the question; the target follows it):
 
 from __future__ import annotations
 
+import copy
 import re
 import zlib
 from functools import lru_cache
@@ -475,6 +476,7 @@ class ProbeSource(Source):
     """A probe generator as a record source (`list(source)` gives its records, built once per iteration)."""
 
     kind = ""
+    length_key = "length"  # the parameter a list of lengths overrides (data.val_lengths)
 
     def __init__(self, n_samples: int = 1000, seed: int = 0, split: str | None = "train", limit: int | None = None,
                  **params):
@@ -486,6 +488,17 @@ class ProbeSource(Source):
 
     def generate(self, n: int) -> list[Record]:
         raise NotImplementedError
+
+    def with_params(self, **overrides) -> ProbeSource:
+        """A copy with some generator parameters (or n_samples / seed) overridden; the original is unchanged."""
+        copied = copy.copy(self)
+        copied.params = dict(self.params)
+        for key, value in overrides.items():
+            if key in ("n_samples", "seed"):
+                setattr(copied, key, value)
+            else:
+                copied.params[key] = _plain(value)
+        return copied
 
     def __iter__(self):
         n = self.n_samples if self.limit is None else min(self.n_samples, self.limit)
@@ -519,6 +532,8 @@ class CopySource(ProbeSource):
 
 class BabiLongSource(ProbeSource):
     """`babilong` as a source; `path` (relative to `root`) reads the stories from a bAbI file."""
+
+    length_key = "target_length"
 
     def __init__(self, path: str | None = None, root: str | None = None, **kwargs):
         from stm.data.sources import expand_paths

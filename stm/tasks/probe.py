@@ -26,6 +26,14 @@ The sums are torchmetrics states reduced by summing, so the accuracies are exact
 validation, rank zero writes `horizon.json` (mechanism, bucket edges, counts, correct, accuracy, baselines)
 into the run's output folder (`trainer.default_root_dir`); at the end of fit the task logs a one-line table
 (mechanism, accuracy near, accuracy far, overall). `stm.horizon` gathers the files of a sweep into curves.
+
+By length and task: where the validation holds several sets (`data.val_lengths`: each example's meta says its
+`val_set`, e.g. "2048") or BABILong examples (meta `task`: qa1, ...), every scored example is also counted by
+(set, task): logged as `val/<set>/acc` (the first score; the others as `val/<set>/<score>`), `val/<set>/n` and,
+with several tasks, `val/<set>/acc_<task>`; and `lengths_file` (babilong.json) in the run folder holds the
+counts, accuracy and binomial standard error per set and task (plus all tasks pooled and their mean), with
+the outputs of every example; a table of it is logged after each validation. `stm.lengthgen` gathers the files
+of a sweep into one table (mechanism x task x length).
 """
 
 from __future__ import annotations
@@ -33,12 +41,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torchmetrics import Metric, SumMetric
+from torchmetrics.utilities import dim_zero_cat
 
 from stm.segments import IGNORE_INDEX
 from stm.tasks.qa import QuestionAnsweringTask
@@ -48,6 +58,7 @@ log = logging.getLogger("stm")
 
 SCORES = {"exact_match": exact_match, "first_sentence": answer_in_first_sentence}
 HORIZON_FILE = "horizon.json"
+LENGTHS_FILE = "babilong.json"
 
 
 def bucket_names(edges: Sequence[int]) -> list[str]:
@@ -128,6 +139,113 @@ class DistanceAccuracy(Metric):
         return out
 
 
+class ExampleScores(Metric):
+    """The index of every scored unit (a validation example, or a query of one) and its scores, gathered across
+    ranks: grouped afterwards by what the example's meta says (its set, its task). Rows with index -1 are
+    placeholders (every rank updates at least once) and are dropped by `compute`."""
+
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, n_scores: int, **kwargs):
+        super().__init__(**kwargs)
+        self.n_scores = n_scores
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, index: int, values) -> None:
+        self.index.append(torch.tensor([int(index)], dtype=torch.long, device=self.device))
+        self.values.append(torch.tensor([[float(v) for v in values]], dtype=torch.float64, device=self.device))
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index (N,), values (N, n_scores)) of the units scored on all ranks, placeholders dropped."""
+        index = dim_zero_cat(self.index) if len(self.index) else torch.zeros(0, dtype=torch.long)
+        values = dim_zero_cat(self.values) if len(self.values) else torch.zeros(0, self.n_scores)
+        values = values.reshape(-1, self.n_scores)
+        keep = index >= 0
+        return index[keep], values[keep]
+
+
+def set_and_task(meta: dict) -> tuple[str, str]:
+    """What an example is counted under by length and task: its validation set (`val_set`, else its target
+    length, else "all") and its task (`task`, else the probe's kind)."""
+    name = meta.get("val_set")
+    if name is None:
+        name = str(meta["target_length"]) if "target_length" in meta else "all"
+    return str(name), str(meta.get("task") or meta.get("probe") or "all")
+
+
+def _natural(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def binomial_stderr(accuracy: float | None, n: int) -> float | None:
+    """sqrt(p (1 - p) / n): the standard error of an accuracy over n independent examples."""
+    return None if accuracy is None or n <= 0 else math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n)
+
+
+def accuracy_by_length(metas: Sequence[dict], index: Sequence[int], values, scores: Sequence[str]) -> dict:
+    """Accuracy per (set, task) of scored units: `index[k]` is unit k's example (its meta `metas[index[k]]`) and
+    `values[k]` its scores, in the order of `scores`. Returns {"lengths": set names (in the order of their
+    first example), "tasks": task names (natural order), "cells": [{"length", "task", "n", "correct",
+    "accuracy", "stderr"}, ...]} with, per set, the task "all" (every unit pooled) and, with several tasks, "mean"
+    (the tasks' accuracies averaged, as BABILong reports; its stderr from theirs, n the units it covers)."""
+    sums: dict[tuple[str, str], list] = {}
+    first: dict[str, int] = {}
+    for k, i in enumerate(index):
+        i = int(i)
+        length, task = set_and_task(metas[i])
+        first[length] = min(first.get(length, i), i)
+        for key in ((length, task), (length, "all")):
+            cell = sums.setdefault(key, [0, [0.0] * len(scores)])
+            cell[0] += 1
+            cell[1] = [c + float(v) for c, v in zip(cell[1], values[k])]
+    lengths = sorted(first, key=first.get)
+    tasks = sorted({task for _, task in sums if task != "all"}, key=_natural)
+
+    def cell(length: str, task: str, n: int, correct: list[float]) -> dict:
+        accuracy = {s: c / n if n else None for s, c in zip(scores, correct)}
+        return {"length": length, "task": task, "n": n, "correct": dict(zip(scores, correct)),
+                "accuracy": accuracy, "stderr": {s: binomial_stderr(accuracy[s], n) for s in scores}}
+
+    cells = []
+    for length in lengths:
+        per_task = [cell(length, t, *sums[(length, t)]) for t in tasks if (length, t) in sums]
+        cells += per_task + [cell(length, "all", *sums[(length, "all")])]
+        if len(per_task) > 1:
+            cells.append({"length": length, "task": "mean", "n": sum(c["n"] for c in per_task),
+                          "n_tasks": len(per_task),
+                          "accuracy": {s: sum(c["accuracy"][s] for c in per_task) / len(per_task) for s in scores},
+                          "stderr": {s: math.sqrt(sum(c["stderr"][s] ** 2 for c in per_task)) / len(per_task)
+                                     for s in scores}})
+    return {"lengths": lengths, "tasks": tasks, "cells": cells}
+
+
+def lengths_table(record: dict, score: str | None = None, title: str | None = None) -> str:
+    """Task x length: accuracy ± binomial standard error (n) per cell, from `accuracy_by_length`'s record (or a
+    babilong.json); the rows "mean" (tasks averaged) and "all" (examples pooled) last."""
+    score = score or record["score"]
+    cells = {(c["length"], c["task"]): c for c in record["cells"]}
+    rows = [t for t in record["tasks"]] + [t for t in ("mean", "all") if any(k[1] == t for k in cells)]
+    if len(record["tasks"]) == 1 and "all" in rows:
+        rows.remove("all")
+    col = 20
+
+    def fmt(c: dict | None) -> str:
+        if c is None or c["accuracy"][score] is None:
+            return "-"
+        return f"{100 * c['accuracy'][score]:5.1f}±{100 * c['stderr'][score]:.1f} ({c['n']})"
+
+    width = max(8, *(len(r) for r in rows))
+    header = f"{'task':<{width}}" + "".join(f"{name:>{col}}" for name in record["lengths"])
+    unit = record.get("length_unit")
+    lines = [title or f"accuracy % ({score}) by task and length{f' ({unit})' if unit else ''}: ± binomial standard "
+             f"error, (examples)", header, "-" * len(header)]
+    lines += [f"{row:<{width}}" + "".join(f"{fmt(cells.get((length, row))):>{col}}" for length in record["lengths"])
+              for row in rows]
+    return "\n".join(lines)
+
+
 def mechanism_name(run_config: dict | None, memory) -> str:
     """The memory mechanism(s) as chosen in the config ("rmt", "rmt+swa"), else the module's class name."""
     chosen = (run_config or {}).get("memory")
@@ -147,19 +265,24 @@ class ProbeTask(QuestionAnsweringTask):
     near, far:  inclusive [lo, hi] ranges of distance in segments (hi null: no upper end) for the summary
                 numbers `val/acc_near` and `val/acc_far` and the table printed at the end of fit.
     horizon_file: the file written into the run's output folder after each validation (null: none).
+    lengths_file: the file of accuracy by set and task (babilong.json), written after each validation of
+                several sets or of BABILong examples (null: none).
     Everything else as in `ConditionalLMTask` (`n_generate: null` scores every validation example).
     """
 
     def __init__(self, *args, scores: Sequence[str] = ("exact_match",), edges: Sequence[int] = (0, 1, 2, 4, 8, 16),
                  near: Sequence = (0, 1), far: Sequence = (2, None), horizon_file: str | None = HORIZON_FILE,
-                 **kwargs):
+                 lengths_file: str | None = LENGTHS_FILE, **kwargs):
         super().__init__(*args, **kwargs)
         scores = list(scores)
         unknown = [s for s in scores if s not in SCORES]
         if not scores or unknown:
             raise ValueError(f"task.scores: choose one or more of {sorted(SCORES)}, got {scores}")
         self.distance_accuracy = DistanceAccuracy(list(edges), list(near), list(far), scores)
-        self.horizon_file = horizon_file
+        self.horizon_file, self.lengths_file = horizon_file, lengths_file
+        self.example_scores = ExampleScores(len(scores))  # every scored unit, for the numbers by set and task
+        self.example_outputs: list[dict] = []  # this rank's generated outputs, for the results file
+        self.by_length: dict | None = None
         self.references: Counter[str] = Counter()
         self.value_vocabs: set = set()
         self.n_pairs: set = set()
@@ -178,6 +301,11 @@ class ProbeTask(QuestionAnsweringTask):
         kept = bool(meta.get("facts_kept", True)) and bool(meta.get("question_kept", True))
         scores = {name: SCORES[name](output, info.reference) for name in self.distance_accuracy.scores}
         self.distance_accuracy.update(meta["distance_segments"], kept, scores)
+        self.example_scores.update(index, [scores[name] for name in self.distance_accuracy.scores])
+        length, task = set_and_task(meta)
+        self.example_outputs.append({"index": index, "length": length, "task": task, "origin": info.origin,
+                                     "story": meta.get("story_origin"), "reference": info.reference,
+                                     "output": output, "scores": scores})
         self.references[info.reference] += 1
         self._note_probe(meta)
 
@@ -225,6 +353,7 @@ class ProbeTask(QuestionAnsweringTask):
             kept = bool(meta["query_facts_kept"][q])
             self.distance_accuracy.update(meta["query_distance_segments"][q], kept,
                                           dict.fromkeys(self.distance_accuracy.scores, float(ok)))
+            self.example_scores.update(index, [float(ok)] * len(self.distance_accuracy.scores))
             if spans[q] is not None:
                 start, end = spans[q]
                 self.references[info.reference[start:end]] += 1
@@ -250,6 +379,9 @@ class ProbeTask(QuestionAnsweringTask):
         for metric in (self.queries_scored, self.query_examples):  # zero, and updated on every rank (compute
             metric.reset()                                           # syncs on all of them, with no warning)
             metric.update(0.0)
+        self.example_scores.reset()
+        self.example_scores.update(-1, [0.0] * self.example_scores.n_scores)  # a placeholder row, as above
+        self.example_outputs = []
 
     def on_validation_epoch_end(self):
         super().on_validation_epoch_end()
@@ -284,6 +416,57 @@ class ProbeTask(QuestionAnsweringTask):
             path = Path(self.trainer.default_root_dir) / self.horizon_file
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.horizon, indent=2) + "\n")
+        self._report_by_length()
+
+    def _report_by_length(self) -> None:
+        """Accuracy by set and task (see the module docstring): logged, tabulated and written to lengths_file,
+        where the validation holds several sets or BABILong examples."""
+        index, values = self.example_scores.compute()
+        self.example_scores.reset()
+        metas = [info.meta or {} for info in self._val_examples()[1].infos]
+        scored = [metas[int(i)] for i in index]
+        if not scored or not any("val_set" in m or m.get("probe") == "babilong" for m in scored):
+            self.by_length = None
+            return
+        scores = self.distance_accuracy.scores
+        result = accuracy_by_length(metas, index.tolist(), values.tolist(), scores)
+        several = any("val_set" in m for m in scored)
+        logged = {}
+        for c in result["cells"]:
+            prefix = f"val/{c['length']}/" if several else "val/"
+            if c["task"] == "all" and several:  # one set: val/acc, val/<score> are its overall numbers already
+                logged.update({prefix + ("acc" if k == 0 else s): c["accuracy"][s] for k, s in enumerate(scores)})
+                logged[prefix + "n"] = float(c["n"])
+            elif c["task"] != "all" and len(result["tasks"]) > 1:  # per task (and their mean): the first score
+                logged[f"{prefix}acc_{c['task']}"] = c["accuracy"][scores[0]]
+        for name, value in logged.items():
+            self.log(name, value)
+            self.last_val[name] = value
+        first = {}
+        for m in scored:
+            first.setdefault(set_and_task(m)[0], m)
+        cfg = self.run_config or {}
+        self.by_length = {
+            "mechanism": mechanism_name(cfg, self.memory), "memory": cfg.get("memory"),
+            "val_source": (cfg.get("data") or {}).get("val_source"),
+            "val_lengths": (cfg.get("data") or {}).get("val_lengths"), "segment_len": self.segment_len,
+            "step": self.trained_steps, "seed": cfg.get("seed"), "task_name": cfg.get("task_name"),
+            "score": scores[0], "scores": list(scores),
+            "length_unit": next(iter(first.values())).get("length_unit"),
+            "target_lengths": {name: m.get("target_length") for name, m in first.items()},
+            **result,
+            "examples": sorted(self.example_outputs, key=lambda e: e["index"]) if self.trainer.world_size == 1
+            else None,  # the outputs are rank-local: left out under DDP rather than incomplete
+        }
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        log.info("\n%s", lengths_table(self.by_length, title=f"{self.by_length['mechanism']}: accuracy % "
+                 f"({scores[0]}) by task and length ({self.by_length['length_unit']}), ± binomial standard error, "
+                 "(examples)"))
+        if self.lengths_file:
+            path = Path(self.trainer.default_root_dir) / self.lengths_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.by_length, indent=2) + "\n")
 
     def _horizon_record(self, result: dict, n_queries: float = 0.0, n_query_examples: float = 0.0) -> dict:
         """What horizon.json holds: the run, the buckets with counts, correct and accuracy, near/far, baselines;
