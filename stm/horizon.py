@@ -43,16 +43,25 @@ def find_runs(roots: Iterable[str | Path], filename: str = HORIZON_FILE) -> list
     return found
 
 
-def load_run(path: str | Path) -> dict:
-    """A run's horizon record with `run_dir`, `csv` (path or None) and `wandb` (offline run folders) added."""
+def read_record(path: str | Path, keys: Sequence[str], reader: str = "stm.horizon") -> dict:
+    """The JSON record a probe run wrote at `path`, with `path` and `run_dir` added; a file that cannot be read
+    or lacks one of `keys` is an error naming it (`reader` names who reads it)."""
     path = Path(path)
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"stm.horizon: cannot read {path} as JSON ({err})") from err
-    for key in ("mechanism", "edges", "buckets", "overall", "score"):
+        raise ValueError(f"{reader}: cannot read {path} as JSON ({err})") from err
+    for key in keys:
         if key not in record:
-            raise ValueError(f"stm.horizon: {path} has no {key!r}: not a horizon.json written by task=probe")
+            raise ValueError(f"{reader}: {path} has no {key!r}: not a {path.name} written by task=probe")
+    record.update(path=str(path), run_dir=str(path.parent))
+    return record
+
+
+def load_run(path: str | Path) -> dict:
+    """A run's horizon record with `run_dir`, `csv` (path or None) and `wandb` (offline run folders) added."""
+    record = read_record(path, ("mechanism", "edges", "buckets", "overall", "score"))
+    path = Path(path)
     run_dir = path.parent
     metrics = run_dir / "csv" / "metrics.csv"
     record.update(path=str(path), run_dir=str(run_dir), csv=str(metrics) if metrics.is_file() else None,

@@ -16,22 +16,13 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from stm.horizon import _order, _plain, find_runs, label_of
+from stm.horizon import _order, _plain, find_runs, label_of, read_record
 from stm.tasks.probe import LENGTHS_FILE, _natural, binomial_stderr, lengths_table
 
 
 def load_run(path: str | Path) -> dict:
     """A run's babilong.json with `path` and `run_dir` added; a file that is not one is an error naming it."""
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"stm.lengthgen: cannot read {path} as JSON ({err})") from err
-    for key in ("mechanism", "score", "lengths", "tasks", "cells"):
-        if key not in record:
-            raise ValueError(f"stm.lengthgen: {path} has no {key!r}: not a {LENGTHS_FILE} written by task=probe")
-    record.update(path=str(path), run_dir=str(path.parent))
-    return record
+    return read_record(path, ("mechanism", "score", "lengths", "tasks", "cells"), reader="stm.lengthgen")
 
 
 def load_runs(roots: Iterable[str | Path]) -> list[dict]:
