@@ -13,94 +13,275 @@ When the final segment fills up, it is read once more with the memory's write to
 memory state, and a new segment begins. No write tokens are used while decoding (they come after the
 tokens and cannot change their logits).
 
+Batches of rows of different lengths: each row keeps its own memory state and its own segments (counted from its
+own start), and every row gives the tokens it gives alone (tests/test_generation.py checks equal token ids):
+
+- reading the contexts: the rows read their first segments together, and a row leaves the batch when its whole
+  segments are read (all rows in a forward pass have read equally many: their states have the same shapes);
+- opening a final segment, and pushing a full one into the memory: rows of the same shapes (tail length, shapes
+  of the memory state) go through the model together;
+- decoding steps: one forward pass for all rows. Each row's cached keys (the memory's cache, the segment's memory
+  tokens, the segment so far) are left-padded to the longest with masked keys. Rotary positions and windows depend
+  only on the distance between a query and a key, which left padding keeps; attention sinks and memory tokens
+  under a window are found by absolute position, so with those (`swa` with `sink_tokens`, `[rmt,swa]`) a step
+  batches the rows whose caches have the same lengths instead.
+
 Strategies: greedy (temperature 0), sampling (temperature, top-k, top-p), and beam search (`num_beams`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from stm.memory.base import Memory, SegmentExtras, State, select_rows
+from stm.memory.base import KeyValues, LayerMemory, Memory, SegmentExtras, State, select_rows
+
+
+def state_signature(state: State):
+    """What must agree for memory states to be stacked into one batch: the types, the shapes of their tensors
+    beyond the batch dimension and dtypes, and every other value (ints, None) in them."""
+    if isinstance(state, torch.Tensor):
+        return "tensor", tuple(state.shape[1:]), state.dtype
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return type(state), tuple((f.name, state_signature(getattr(state, f.name))) for f in dataclasses.fields(state))
+    if isinstance(state, (list, tuple)):
+        return type(state), tuple(state_signature(s) for s in state)
+    if isinstance(state, dict):
+        return dict, tuple((k, state_signature(v)) for k, v in state.items())
+    return "value", state if isinstance(state, (int, float, str, bool, type(None))) else repr(state)
+
+
+def cat_states(states: Sequence[State]) -> State:
+    """Stack the batch rows of memory states of one `state_signature` into one state (the inverse of `select_rows`)."""
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(states), dim=0)
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return type(first)(**{f.name: cat_states([getattr(s, f.name) for s in states])
+                              for f in dataclasses.fields(first)})
+    if isinstance(first, (list, tuple)):
+        return type(first)(cat_states(parts) for parts in zip(*states))
+    if isinstance(first, dict):
+        return {k: cat_states([s[k] for s in states]) for k in first}
+    return first
+
+
+def _grouped(indices, key) -> list[list[int]]:
+    """`indices` in groups of equal `key(i)`, each in the order given."""
+    groups: dict = {}
+    for i in indices:
+        groups.setdefault(key(i), []).append(i)
+    return list(groups.values())
+
+
+class RowLayerMemories(LayerMemory):
+    """The layer memories of rows whose states cannot be stacked: each reads its own row of the hidden states."""
+
+    def __init__(self, parts: list[LayerMemory | None]):
+        self.parts = parts
+        self.write_layers = frozenset().union(*(p.write_layers for p in parts if p is not None))
+
+    def read(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        deltas = [None if p is None else p.read(layer, hidden[j:j + 1]) for j, p in enumerate(self.parts)]
+        if all(d is None for d in deltas):
+            return None
+        return torch.cat([torch.zeros_like(hidden[j:j + 1]) if d is None else d.to(hidden.dtype)
+                          for j, d in enumerate(deltas)])
+
+
+def _position_free(extras: SegmentExtras) -> bool:
+    """Whether the attention rule under these extras depends only on distances between queries and keys (then left
+    padding of the cached keys changes nothing): no attention sinks and no memory tokens under a window."""
+    return extras.n_sink == 0 and (extras.window is None or extras.n_prefix == 0)
+
+
+def _left_pad(x: torch.Tensor, length: int, dim: int, value=0) -> torch.Tensor:
+    n = length - x.shape[dim]
+    if n == 0:
+        return x
+    return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (n, 0), value=value)
+
+
+@dataclass
+class _Row:
+    """One row of a `SegmentDecoder` (every tensor has a batch dimension of 1)."""
+
+    state: State                          # the memory state before the final segment
+    tail: torch.Tensor                    # (1, t): the final segment's tokens so far
+    extras: SegmentExtras | None = None   # what the final segment sees (no write tokens)
+    past: KeyValues | None = None         # cached decoding: the memory's keys/values, then the segment's
+    past_mask: torch.Tensor | None = None  # (1, n) bool, False at padding; None when every cached key is real
+    logits: torch.Tensor | None = None    # (V,) the next token's logits
+
+
+def context_rows(context_ids) -> list[torch.Tensor]:
+    """The rows of a context batch as 1-D token tensors: a (B, T) tensor, or a sequence of 1-D tensors or lists
+    of token ids (rows of different lengths)."""
+    if isinstance(context_ids, torch.Tensor):
+        if context_ids.dim() != 2:
+            raise ValueError(f"context_ids must be (B, T) or a list of rows, got a tensor of shape "
+                             f"{tuple(context_ids.shape)}")
+        return list(context_ids)
+    return [torch.as_tensor(row, dtype=torch.long) for row in context_ids]
 
 
 class SegmentDecoder:
-    """Decoding state of a batch of rows: memory state, the final segment's tokens and its key/value cache.
+    """Decoding state of a batch of rows: per row, its memory state, the final segment's tokens and its key/value
+    cache (see the module docstring for how rows of different lengths share forward passes).
 
-    context_ids: (B, T) token ids, all rows of equal length (pad and batch rows of equal length, or decode
-                 one row at a time).
+    context_ids: a (B, T) tensor, or a sequence of B 1-D token tensors of any lengths (at least one token each).
     After construction `logits` (B, V) holds the next-token logits; `append(tokens)` adds one token per row
     and refreshes them.
     """
 
-    def __init__(self, model: nn.Module, memory: Memory, context_ids: torch.Tensor, segment_len: int | None,
+    def __init__(self, model: nn.Module, memory: Memory, context_ids, segment_len: int | None,
                  use_cache: bool = True):
-        from stm.segments import run_segments
-
-        B, T = context_ids.shape
-        if T == 0:
-            raise ValueError("generate needs a non-empty context")
+        contexts = context_rows(context_ids)
+        if not contexts or any(len(c) == 0 for c in contexts):
+            raise ValueError("generate needs a non-empty context in every row")
         self.model, self.memory, self.use_cache = model, memory, use_cache
         self.segment_len = segment_len if (memory.segmented and segment_len is not None) else None
-        n_read = ((T - 1) // self.segment_len) * self.segment_len if self.segment_len else 0
-        self.state: State = memory.init_state(B, context_ids.device)
-        if n_read:  # keep at least one context token for the final segment
-            self.state = run_segments(model, memory, context_ids[:, :n_read], segment_len=self.segment_len,
-                                      state=self.state).state
-        self.tail = context_ids[:, n_read:]
-        self.logits = self._open_segment()
+        self.device = contexts[0].device
+        seg = self.segment_len
+        n_read = [((len(c) - 1) // seg) * seg if seg else 0 for c in contexts]  # keep a token for the last segment
+        states = self._read_contexts(contexts, n_read)
+        self.rows = [_Row(state, c[n:][None]) for state, c, n in zip(states, contexts, n_read)]
+        self._open(range(len(self.rows)))
+        self.logits = torch.stack([row.logits for row in self.rows])
 
-    def _open_segment(self) -> torch.Tensor:
-        """Read the final segment's tokens so far under the memory's extras (no write tokens)."""
-        self.extras = replace(self.memory.prepare(self.state), suffix=None)
-        out = self.model(self.tail, extras=self.extras)
-        self.segment_kv = out.present_key_values if self.use_cache else None
-        return out.logits[:, -1]
+    def _read_contexts(self, contexts: list[torch.Tensor], n_read: list[int]) -> list[State]:
+        """Each row's memory state after its whole segments: rows read together, longest first, each leaving the
+        batch when its segments are read."""
+        from stm.segments import run_segments
 
-    def _cached_extras(self) -> SegmentExtras:
-        """Extras for one new token: the memory's cache, then the segment so far, as past keys/values."""
-        e = self.extras
-        segment = self.segment_kv
-        past = [(torch.cat([pk, sk.to(pk.dtype)], dim=2), torch.cat([pv, sv.to(pv.dtype)], dim=2))
-                for (pk, pv), (sk, sv) in zip(e.past_key_values, segment)] if e.past_key_values else segment
-        past_mask = e.past_mask
-        if past_mask is not None:
-            ones = torch.ones(past_mask.shape[0], segment[0][0].shape[2], dtype=torch.bool, device=past_mask.device)
-            past_mask = torch.cat([past_mask.bool(), ones], dim=1)
-        # everything else the memory supplied (window, sinks, layer memory) stays as it was
-        return replace(e, prefix=None, suffix=None, past_key_values=past, past_mask=past_mask,
-                       n_cached_prefix=e.n_prefix, prefix_start=e.n_past)
+        states: list[State] = [None] * len(contexts)
+        active = sorted((i for i in range(len(contexts)) if n_read[i]), key=lambda i: -n_read[i])
+        state, done = (self.memory.init_state(len(active), self.device) if active else None), 0
+        while active:
+            until = n_read[active[-1]]
+            ids = torch.stack([contexts[i][done:until] for i in active])
+            state = run_segments(self.model, self.memory, ids, segment_len=self.segment_len, state=state).state
+            done = until
+            for j, i in enumerate(active):
+                if n_read[i] == until:
+                    states[i] = select_rows(state, torch.tensor([j], device=self.device))
+            keep = [j for j, i in enumerate(active) if n_read[i] > until]
+            if keep:
+                state = select_rows(state, torch.tensor(keep, device=self.device))
+            active = [active[j] for j in keep]
+        return [self.memory.init_state(1, self.device) if s is None else s for s in states]
+
+    def _together(self, indices) -> list[list[int]]:
+        """Rows that can go through one forward pass as they are: the same tail length and state shapes."""
+        return _grouped(indices, lambda i: (self.rows[i].tail.shape[1], state_signature(self.rows[i].state)))
+
+    def _open(self, indices) -> None:
+        """Read the final segment's tokens so far under the memory's extras (no write tokens): the next logits, and
+        with the cache the segment's keys/values after the memory's."""
+        for group in self._together(indices):
+            extras = replace(self.memory.prepare(cat_states([self.rows[i].state for i in group])), suffix=None)
+            out = self.model(torch.cat([self.rows[i].tail for i in group]), extras=extras)
+            for j, i in enumerate(group):
+                row = self.rows[i]
+                row.logits = out.logits[j, -1]
+                if not self.use_cache:
+                    continue
+                row.extras = replace(self.memory.prepare(row.state), suffix=None)
+                segment = [(k[j:j + 1], v[j:j + 1]) for k, v in out.present_key_values]
+                e = row.extras
+                row.past = [(torch.cat([pk, sk.to(pk.dtype)], dim=2), torch.cat([pv, sv.to(pv.dtype)], dim=2))
+                            for (pk, pv), (sk, sv) in zip(e.past_key_values, segment)] if e.past_key_values \
+                    else segment
+                row.past_mask = None if e.past_mask is None else torch.cat(
+                    [e.past_mask.bool(), torch.ones(1, segment[0][0].shape[2], dtype=torch.bool,
+                                                    device=e.past_mask.device)], dim=1)
+
+    def _push(self, indices) -> None:
+        """Rows whose final segment is full: read it with the memory's write tokens into the memory state; what
+        is left of the tail begins the next segment."""
+        seg = self.segment_len
+        for group in self._together(indices):
+            state = cat_states([self.rows[i].state for i in group])
+            out = self.model(torch.cat([self.rows[i].tail[:, :seg] for i in group]), extras=self.memory.prepare(state))
+            state = self.memory.update(state, out)
+            for j, i in enumerate(group):
+                row = self.rows[i]
+                row.state = select_rows(state, torch.tensor([j], device=self.device))
+                row.tail = row.tail[:, seg:]
+
+    def _layer_memory(self, group: list[int]):
+        parts = [self.rows[i].extras.layer_memory for i in group]
+        if len(group) == 1 or all(p is None for p in parts):
+            return parts[0]
+        states = [self.rows[i].state for i in group]
+        if len({state_signature(s) for s in states}) == 1:  # stackable: the batch's own layer memory
+            return self.memory.prepare(cat_states(states)).layer_memory
+        return RowLayerMemories(parts)
+
+    def _step(self, indices, tokens: torch.Tensor) -> None:
+        """One cached decoding step of the rows `indices`: the new token against each row's cached keys/values."""
+        rows = self.rows
+        if all(_position_free(rows[i].extras) for i in indices):
+            groups = [list(indices)]
+        else:  # sinks or memory tokens under a window: only rows of the same cache lengths, unpadded
+            groups = _grouped(indices, lambda i: (rows[i].extras.n_past, rows[i].past[0][0].shape[2]))
+        for group in groups:
+            lengths = [rows[i].past[0][0].shape[2] for i in group]
+            n = max(lengths)
+            past = [(torch.cat([_left_pad(rows[i].past[layer][0], n, 2) for i in group]),
+                     torch.cat([_left_pad(rows[i].past[layer][1], n, 2) for i in group]))
+                    for layer in range(len(rows[group[0]].past))]
+            mask = None
+            if min(lengths) < n or any(rows[i].past_mask is not None for i in group):
+                mask = torch.cat([_left_pad(rows[i].past_mask if rows[i].past_mask is not None else
+                                            torch.ones(1, length, dtype=torch.bool, device=self.device), n, 1, False)
+                                  for i, length in zip(group, lengths)])
+            e = rows[group[0]].extras
+            # everything else the memory supplied (window, sinks) stays as it was
+            extras = replace(e, prefix=None, suffix=None, past_key_values=past, past_mask=mask,
+                             n_cached_prefix=e.n_prefix, prefix_start=n - lengths[0] + e.n_past,
+                             layer_memory=self._layer_memory(group))
+            out = self.model(tokens[group][:, None], extras=extras)
+            for j, i in enumerate(group):
+                row = rows[i]
+                row.past = [(torch.cat([pk, k[j:j + 1].to(pk.dtype)], dim=2),
+                             torch.cat([pv, v[j:j + 1].to(pv.dtype)], dim=2))
+                            for (pk, pv), (k, v) in zip(row.past, out.present_key_values)]
+                if row.past_mask is not None:
+                    row.past_mask = F.pad(row.past_mask, (0, 1), value=True)
+                row.logits = out.logits[j, -1]
 
     @torch.no_grad()
-    def append(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Add `tokens` (B,) to the final segment; returns (and keeps in `logits`) the next logits (B, V)."""
-        self.tail = torch.cat([self.tail, tokens[:, None]], dim=1)
+    def append(self, tokens: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Add `tokens` (B,) to the final segments; returns (and keeps in `logits`) the next logits (B, V).
+        `rows`: only these rows take their token and move on (finished rows need not); None: all of them."""
+        indices = list(range(len(self.rows))) if rows is None else [int(i) for i in rows]
         seg = self.segment_len
-        if seg is not None and self.tail.shape[1] > seg:  # the segment is full: into the memory with it
-            self.state = self.memory.update(
-                self.state, self.model(self.tail[:, :seg], extras=self.memory.prepare(self.state)))
-            self.tail = self.tail[:, seg:]
-            self.logits = self._open_segment()
-        elif not self.use_cache:
-            self.logits = self.model(self.tail, extras=self.extras).logits[:, -1]
-        else:
-            out = self.model(tokens[:, None], extras=self._cached_extras())
-            self.segment_kv = [(torch.cat([sk, k], dim=2), torch.cat([sv, v], dim=2))
-                               for (sk, sv), (k, v) in zip(self.segment_kv, out.present_key_values)]
-            self.logits = out.logits[:, -1]
+        for i in indices:
+            self.rows[i].tail = torch.cat([self.rows[i].tail, tokens[i].view(1, 1).to(self.rows[i].tail)], dim=1)
+        full = [i for i in indices if seg is not None and self.rows[i].tail.shape[1] > seg]
+        if full:  # the segment is full: into the memory with it
+            self._push(full)
+        if self.use_cache:
+            self._open(full)
+            stepped = [i for i in indices if i not in set(full)]
+            if stepped:
+                self._step(stepped, tokens)
+        else:  # re-read the final segment
+            self._open(indices)
+        if indices:
+            self.logits = torch.stack([row.logits for row in self.rows])
         return self.logits
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and repeat or reorder) rows: `rows` (B',) indexes the current rows (beam search)."""
-        self.state = select_rows(self.state, rows)
-        self.tail = self.tail.index_select(0, rows)
+        self.rows = [replace(self.rows[int(r)]) for r in rows]
         self.logits = self.logits.index_select(0, rows)
-        if self.segment_kv is not None:
-            self.segment_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.segment_kv]
-        self.extras = replace(self.memory.prepare(self.state), suffix=None)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -138,7 +319,7 @@ def _eos_set(eos_token_id: int | list[int] | None) -> list[int]:
 def generate(
     model: nn.Module,
     memory: Memory,
-    context_ids: torch.Tensor,
+    context_ids,
     *,
     segment_len: int | None,
     max_new_tokens: int,
@@ -153,7 +334,9 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Continue `context_ids` (B, T), all rows of equal length, by up to `max_new_tokens` tokens.
+    """Continue each row of `context_ids` by up to `max_new_tokens` tokens: a (B, T) tensor, or a sequence of B
+    rows of any lengths (1-D tensors or lists of ids), decoded together with each row's own memory state; every
+    row gets the tokens it would get alone (up to sampling, which draws for the batch at once).
 
     eos_token_id: one id or several; a row that produces one is finished (the token is kept).
     pad_token_id: fills a finished row's remaining positions (default: the first eos id, else 0).
@@ -170,12 +353,13 @@ def generate(
     if num_beams > 1:
         return _beam_search(model, memory, context_ids, segment_len, max_new_tokens, num_beams, length_penalty,
                             eos, pad, use_cache)
-    B = context_ids.shape[0]
+    contexts = context_rows(context_ids)
+    B, device = len(contexts), contexts[0].device
     if max_new_tokens == 0:
-        return context_ids.new_empty(B, 0)
-    decoder = SegmentDecoder(model, memory, context_ids, segment_len, use_cache)
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=context_ids.device)
-    finished = torch.zeros(B, dtype=torch.bool, device=context_ids.device)
+        return torch.empty(B, 0, dtype=torch.long, device=device)
+    decoder = SegmentDecoder(model, memory, contexts, segment_len, use_cache)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         token = sample_next(decoder.logits, temperature, top_k, top_p, generator)
@@ -187,7 +371,7 @@ def generate(
             finished |= stop(torch.stack(new_tokens, dim=1)).to(finished.device)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        decoder.append(token)
+        decoder.append(token, rows=(~finished).nonzero().flatten().tolist())  # finished rows stay as they are
     return torch.stack(new_tokens, dim=1)
 
 
@@ -195,14 +379,15 @@ def _beam_search(model, memory, context_ids, segment_len, max_new_tokens, num_be
                  use_cache) -> torch.Tensor:
     """Beam search per row: keep the `num_beams` best partial hypotheses; a hypothesis ending in an eos token
     is finished; a row is done when it has `num_beams` finished ones and no live beam can beat the best."""
-    B, K, device = context_ids.shape[0], num_beams, context_ids.device
+    contexts = context_rows(context_ids)
+    B, K, device = len(contexts), num_beams, contexts[0].device
     if max_new_tokens == 0:
-        return context_ids.new_empty(B, 0)
-    decoder = SegmentDecoder(model, memory, context_ids, segment_len, use_cache)
+        return torch.empty(B, 0, dtype=torch.long, device=device)
+    decoder = SegmentDecoder(model, memory, contexts, segment_len, use_cache)
     decoder.select(torch.arange(B, device=device).repeat_interleave(K))  # row b's beams are rows b*K .. b*K+K-1
     scores = torch.zeros(B, K, device=device)
     scores[:, 1:] = float("-inf")  # all beams start equal: expand only the first at step one
-    sequences = context_ids.new_empty(B * K, 0)
+    sequences = torch.empty(B * K, 0, dtype=torch.long, device=device)
     done: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     row_done = [False] * B
 

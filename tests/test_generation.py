@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import memory_names, small_memory
+from conftest import memory_names, save_tiny_llama, small_memory
 
 from stm.generation import SegmentDecoder, generate, sample_next
 from stm.memory import (
@@ -23,12 +23,17 @@ MECHANISMS = memory_names(**SIZES)
 def make(name, seed=0, vocab=50):
     torch.manual_seed(seed)
     model = Transformer(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, tie_embeddings=False).eval()
+    return model, bound_memory(name, model)
+
+
+def bound_memory(name, model):
+    """Mechanism `name` bound to `model`, its parameters large enough to change what the model says."""
     memory = small_memory(name, **SIZES)
     memory.bind(model)
     if isinstance(memory, (RecurrentMemoryTokens, AssociativeMemory, ComposedMemory)):  # non-trivial memory
         for name, p in memory.named_parameters():  # memory tokens at scale 1, associative projections smaller
             torch.nn.init.normal_(p, std=1.0 if name.endswith("initial_memory") else 0.3)
-    return model, memory.eval()
+    return memory.eval()
 
 
 def context(B=2, T=19, vocab=50, seed=1):
@@ -127,3 +132,101 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert draws == {0}
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, 1.0, top_p=1.5)
+
+
+# --- batches of rows of different lengths -----------------------------------------------------------------------
+
+# with segments of 8: 0 to 3 whole segments read before decoding, final segments of 1 to 8 tokens; 14 new tokens
+# cross one or two segment borders, at a different step in each row
+LENGTHS = (19, 5, 12, 27, 8, 16, 1)
+# mechanisms whose attention rule depends only on distances: their decoding steps batch every row at once
+POSITION_FREE = ("none", "full", "xl", "rmt", "armt", "rmt+xl", "armt+xl")
+
+
+def rows_of(lengths=LENGTHS, vocab=50, seed=7) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+
+
+def one_at_a_time(model, memory, rows, **kwargs) -> list[list[int]]:
+    return [generate(model, memory, row[None], segment_len=8, **kwargs)[0].tolist() for row in rows]
+
+
+def together_and_alone(model, memory, rows, **kwargs) -> tuple[list[list[int]], list[list[int]], list[int], int]:
+    """The rows generated together and one at a time; the batch sizes of the forward passes together, and how many
+    passes one at a time took."""
+    calls = []
+    hook = model.embed.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    alone = one_at_a_time(model, memory, rows, **kwargs)
+    n_alone = len(calls)
+    calls.clear()
+    together = generate(model, memory, rows, segment_len=8, **kwargs).tolist()
+    hook.remove()
+    return together, alone, calls, n_alone
+
+
+@pytest.mark.parametrize("name", list(MECHANISMS))
+def test_batched_generation_gives_the_token_ids_of_one_row_at_a_time(name):
+    """Rows of 7 different lengths generated together give exactly the tokens each gives alone (greedy, with the
+    key/value cache), and the batch runs in fewer forward passes: for mechanisms whose attention depends only on
+    distances, less than half of one at a time's."""
+    model, memory = make(name, seed=4)
+    together, alone, calls, n_alone = together_and_alone(model, memory, rows_of(), max_new_tokens=14)
+    assert len(together) == len(LENGTHS) and {len(row) for row in together} == {14}
+    assert together == alone
+    assert len(calls) < (n_alone / 2 if name in POSITION_FREE else n_alone), (len(calls), n_alone)
+    assert max(calls) > 1  # rows did share forward passes
+
+
+@pytest.mark.parametrize("name", ["none", "xl", "swa", "rmt", "armt", "armt+xl", "rmt+swa"])
+def test_batched_generation_with_eos_stops_each_row_on_its_own(name):
+    """A row that produces eos stops there (the rest is padding) while the others go on, as each does alone."""
+    model, memory = make(name, seed=5)
+    rows = rows_of(seed=8)
+    free = one_at_a_time(model, memory, rows, max_new_tokens=12)
+    eos = free[0][3]
+    alone = one_at_a_time(model, memory, rows, max_new_tokens=12, eos_token_id=eos)
+    assert len({len(a) for a in alone}) > 1, "the rows should finish at different steps"
+    together = generate(model, memory, rows, segment_len=8, max_new_tokens=12, eos_token_id=eos, pad_token_id=49)
+    for got, want in zip(together.tolist(), alone):
+        assert got[:len(want)] == want and set(got[len(want):]) <= {49}
+
+
+@pytest.mark.parametrize("name", ["xl", "swa", "rmt", "armt+xl"])
+def test_batched_beam_search_and_rereading_equal_one_row_at_a_time(name):
+    """Beam search and decoding without the cache (re-reading the final segment) batch the rows too."""
+    model, memory = make(name, seed=6)
+    rows = rows_of((13, 4, 21, 9))
+    for kwargs in ({"num_beams": 3, "max_new_tokens": 6}, {"use_cache": False, "max_new_tokens": 10}):
+        alone = one_at_a_time(model, memory, rows, **kwargs)
+        together = generate(model, memory, rows, segment_len=8, **kwargs)
+        assert [row[:len(a)] for row, a in zip(together.tolist(), alone)] == alone, kwargs
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """A tiny random Llama (rotary, grouped-query attention) through stm's Hugging Face adapter."""
+    from stm.models.hf import HFCausalLM
+
+    return HFCausalLM(str(save_tiny_llama(tmp_path_factory.mktemp("llama"), vocab_size=50))).eval()
+
+
+@pytest.mark.parametrize("name", ["none", "xl", "rmt", "armt+xl"])
+def test_batched_generation_on_a_hugging_face_model(hf_llama, name):
+    """The same on a Hugging Face Llama, whose rotary positions come from position ids: left-padded rows give
+    the token ids of each row alone."""
+    torch.manual_seed(0)
+    memory = bound_memory(name, hf_llama)
+    rows = rows_of()
+    alone = one_at_a_time(hf_llama, memory, rows, max_new_tokens=12)
+    assert generate(hf_llama, memory, rows, segment_len=8, max_new_tokens=12).tolist() == alone
+
+
+def test_batched_generation_under_a_window_without_sinks_pads_the_rows():
+    """A sliding window without sinks depends only on distances: the rows are left-padded into every step (fewer
+    than half of one at a time's forward passes) and give each row's own tokens."""
+    model, _ = make("none", seed=4)
+    memory = small_memory("swa", window=5, sink_tokens=0).eval()
+    together, alone, calls, n_alone = together_and_alone(model, memory, rows_of(seed=9), max_new_tokens=14)
+    assert together == alone
+    assert len(calls) < n_alone / 2, (len(calls), n_alone)

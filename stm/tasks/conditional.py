@@ -4,7 +4,9 @@ Training: the loss is on the target tokens (and, with `context_loss_weight > 0` 
 a weighted LM loss on the context). Validation: the target's loss / perplexity / bits per byte, and for the
 first `n_generate` validation examples a generation (the context read once into the memory state, the
 target decoded with the key/value cache of the final segment, `stm.generation`), scored by the task's text
-metrics (`stm.text_metrics`, summed across DDP ranks) and shown as a table of samples in the loggers.
+metrics (`stm.text_metrics`, summed across DDP ranks) and shown as a table of samples in the loggers. The
+examples are generated `generation.batch_size` at a time (rows of different lengths, each with its own memory
+state), which gives the outputs of generating them one at a time.
 
 The tasks themselves (`summarization`, `translation`, `dialogue`, `qa`) are this module with their metrics
 and generation defaults; see `stm/tasks/__init__.py`.
@@ -26,7 +28,8 @@ from stm.tasks.lm import LanguageModelTask
 log = logging.getLogger("stm")
 
 GENERATION_KEYS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p", "length_penalty", "use_cache",
-                   "stop_strings")
+                   "stop_strings", "batch_size")
+GENERATION_BATCH_SIZE = 16  # the default of task.generation.batch_size
 
 
 def cut_at_stop(text: str, stop_strings: list[str]) -> str:
@@ -44,9 +47,11 @@ class ConditionalLMTask(LanguageModelTask):
 
     metrics:             names for `stm.text_metrics.build_text_metrics` (default: the task's own).
     generation:          max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty, use_cache,
-                         stop_strings (the output is cut at the first one; decoding stops there).
+                         stop_strings (the output is cut at the first one; decoding stops there), batch_size
+                         (how many examples are decoded together; 1: one at a time, with the same outputs
+                         unless sampling, which draws for the batch at once).
     n_generate:          how many validation examples are generated and scored per validation (the first
-                         ones, by index); null: all of them. Generation is one example at a time.
+                         ones, by index); null: all of them.
     n_samples:           how many of them go into the sample table.
     context_loss_weight: weight of the context's LM loss next to the target's (needs data.context_loss=true).
     """
@@ -71,12 +76,16 @@ class ConditionalLMTask(LanguageModelTask):
             raise ValueError(f"task.context_loss_weight must be >= 0, got {context_loss_weight}")
         if n_generate is not None and n_generate < 0:
             raise ValueError(f"task.n_generate must be >= 0 or null, got {n_generate}")
+        batch_size = generation.setdefault("batch_size", GENERATION_BATCH_SIZE)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+            raise ValueError(f"task.generation.batch_size must be a positive integer, got {batch_size!r}")
         self.metric_names = list(metrics if metrics is not None else self.default_metrics)
         self.text_metrics = build_text_metrics(self.metric_names)
         self.generation = generation
         self.n_generate, self.n_samples = n_generate, n_samples
         self.context_loss_weight = context_loss_weight
         self.samples: list[dict] = []
+        self.pending: list[int] = []  # validation examples waiting to be generated (see `_generate_and_score`)
 
     # ------------------------------------------------------------------------------------------------ training
 
@@ -113,8 +122,9 @@ class ConditionalLMTask(LanguageModelTask):
                                "a task's own data config)")
         return datamodule, datamodule.sets["val"]
 
-    def generate_text(self, context_ids: torch.Tensor, tokenizer) -> str:
-        """Decode a target for (1, n) context ids under the configured generation; returns the text."""
+    def generate_texts(self, contexts: list[torch.Tensor], tokenizer) -> list[str]:
+        """Decode a target for each context (1-D token ids, any lengths) under the configured generation, all of
+        them together (`stm.generation.generate`); returns the texts."""
         g = self.generation
         stop_strings = g.get("stop_strings") or []
 
@@ -122,27 +132,46 @@ class ConditionalLMTask(LanguageModelTask):
             texts = [tokenizer.decode(row.tolist()) for row in new_tokens]
             return torch.tensor([any(s in t for s in stop_strings) for t in texts])
 
-        tokens = generate(
-            self.model, self.memory, context_ids, segment_len=self.segment_len,
+        rows = generate(
+            self.model, self.memory, contexts, segment_len=self.segment_len,
             max_new_tokens=g["max_new_tokens"], temperature=g.get("temperature", 0.0), top_k=g.get("top_k"),
             top_p=g.get("top_p"), num_beams=g.get("num_beams", 1), length_penalty=g.get("length_penalty", 1.0),
             eos_token_id=tokenizer.eos_token_id, use_cache=g.get("use_cache", True),
             stop=stop if stop_strings else None,
-        )[0].tolist()
-        if tokenizer.eos_token_id in tokens:
-            tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
-        return cut_at_stop(tokenizer.decode(tokens), stop_strings).strip()
+        ).tolist()
+        texts = []
+        for tokens in rows:  # a row that finished early is padded with eos after its own
+            if tokenizer.eos_token_id in tokens:
+                tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
+            texts.append(cut_at_stop(tokenizer.decode(tokens), stop_strings).strip())
+        return texts
+
+    def generate_text(self, context_ids: torch.Tensor, tokenizer) -> str:
+        """Decode a target for (1, n) context ids under the configured generation; returns the text."""
+        return self.generate_texts([context_ids[0]], tokenizer)[0]
 
     def _generate_and_score(self, index: int) -> None:
+        """Generate and score validation example `index`: it waits in `pending` until `generation.batch_size`
+        examples do (or validation ends), and they are generated together."""
+        self.pending.append(index)
+        if len(self.pending) >= self.generation["batch_size"]:
+            self._generate_pending()
+
+    def _generate_pending(self) -> None:
+        """Generate the waiting examples together, then score each and fill the sample table, in their order."""
+        if not self.pending:
+            return
+        indices, self.pending = self.pending, []
         datamodule, examples = self._val_examples()
-        info = examples.infos[index]
-        context_ids = torch.as_tensor(info.context_ids, device=self.device)[None]
-        output = self.generate_text(context_ids, datamodule.tokenizer)
-        self.text_metrics.update([output], [info.reference])
-        self.on_generation(index, info, output)
-        if len(self.samples) < self.n_samples:
-            self.samples.append({"index": index, "origin": info.origin, "source": info.context,
-                                 "reference": info.reference, "output": output})
+        infos = [examples.infos[index] for index in indices]
+        outputs = self.generate_texts([torch.as_tensor(info.context_ids, device=self.device) for info in infos],
+                                      datamodule.tokenizer)
+        for index, info, output in zip(indices, infos, outputs):
+            self.text_metrics.update([output], [info.reference])
+            self.on_generation(index, info, output)
+            if len(self.samples) < self.n_samples:
+                self.samples.append({"index": index, "origin": info.origin, "source": info.context,
+                                     "reference": info.reference, "output": output})
 
     def on_generation(self, index: int, info, output: str) -> None:
         """Hook for tasks that score more than the text metrics (the probe task's accuracy by distance)."""
@@ -150,8 +179,10 @@ class ConditionalLMTask(LanguageModelTask):
     def on_validation_epoch_start(self):
         super().on_validation_epoch_start()
         self.samples = []
+        self.pending = []
 
     def on_validation_epoch_end(self):
+        self._generate_pending()  # the last examples, before any metric is computed
         super().on_validation_epoch_end()
         if self.metric_names:
             values = self.text_metrics.compute()
