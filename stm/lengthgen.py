@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from stm.horizon import _order, _plain, find_runs, label_of, read_record
-from stm.tasks.probe import LENGTHS_FILE, _natural, binomial_stderr, lengths_table
+from stm.tasks.scores_by_length import LENGTHS_FILE, _natural, binomial_stderr, lengths_table
 
 
 def load_run(path: str | Path) -> dict:

@@ -15,7 +15,8 @@ from stm.data.conditional import val_set_overrides
 from stm.data.probes import RecallSource, background_sentences
 from stm.data.tokenizers import ByteTokenizer
 from stm.run import build_components, build_trainer
-from stm.tasks.probe import SCORES, accuracy_by_length
+from stm.tasks.probe import SCORES
+from stm.tasks.scores_by_length import accuracy_by_length
 
 TASKS = ["qa1", "qa2", "qa3", "qa4", "qa5"]
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "probes" / "babi_en10k").is_dir(),
