@@ -34,6 +34,7 @@ from stm.resume import (
     trusts_checkpoints,
 )
 from stm.sweeps import NonFiniteMetricError, configure_wandb, ddp_job, is_rank_zero
+from stm.untrained import describe_untrained, untrained_parameters
 
 log = logging.getLogger("stm")
 
@@ -356,43 +357,6 @@ def refuse_section_overrides(ckpt_path) -> None:
             f"+data_overrides.<key>=<value>, or drop ckpt_path to evaluate the configured model as it is")
 
 
-def loaded_from_pretrained(module: torch.nn.Module) -> bool:
-    """Whether a module's weights came from a file when it was built: a Hugging Face model that `from_pretrained`
-    loaded (it knows the name or folder it came from), or any module that says so with `stm_pretrained = True`."""
-    if getattr(module, "stm_pretrained", False):
-        return True
-    modeling = sys.modules.get("transformers.modeling_utils")  # no Hugging Face model was built without it
-    return modeling is not None and isinstance(module, modeling.PreTrainedModel) and \
-        bool(getattr(module, "name_or_path", ""))
-
-
-def untrained_parameters(task: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) of every parameter of a freshly built task that no weights file has set: all of them but
-    those inside modules loaded from pretrained weights. So stm's own transformer counts whole, a pretrained
-    Hugging Face model not at all, and the memory's parameters (memory tokens, associative projections) and
-    anything else stm adds always; a parameter shared with a pretrained module (tied weights) counts as loaded, and
-    so do peft's LoRA adapters inside one (fresh adapters are zero updates: the base model's numbers)."""
-    loaded = {id(p) for m in task.modules() if loaded_from_pretrained(m) for p in m.parameters()}
-    return [(name, p) for name, p in task.named_parameters() if id(p) not in loaded]
-
-
-def _describe_untrained(task: torch.nn.Module, untrained: list[tuple[str, torch.nn.Parameter]],
-                        shown: int = 6) -> list[str]:
-    """One line per top-level module with untrained parameters: its class, how many, and their first names."""
-    lines = []
-    for top in dict.fromkeys(name.split(".", 1)[0] for name, _ in untrained):
-        params = [(name, p) for name, p in untrained if name.split(".", 1)[0] == top]
-        module = task.get_submodule(top)
-        n_all = len(list(module.parameters()))
-        count = f"all {n_all} parameters" if len(params) == n_all and n_all > 1 else \
-            f"its {n_all} parameter" if n_all == 1 else f"{len(params)} of its {n_all} parameters"
-        names = ", ".join(f"{name} {tuple(p.shape)}" for name, p in params[:shown])
-        more = f", ... and {len(params) - shown} more" if len(params) > shown else ""
-        lines.append(f"  {top} ({type(module).__name__}): {count}, {sum(p.numel() for _, p in params):,} values: "
-                     f"{names}{more}")
-    return lines
-
-
 def check_trained(task: torch.nn.Module, cfg: DictConfig) -> list[str]:
     """Without a checkpoint: the names of the task's untrained parameters, where `allow_untrained=true` says to
     evaluate anyway; else, if there are any, an error naming them and the ways to proceed."""
@@ -406,7 +370,7 @@ def check_trained(task: torch.nn.Module, cfg: DictConfig) -> list[str]:
             f"eval.py without ckpt_path evaluates the configured model as it is, but {len(untrained)} of its "
             f"parameters ({n_values:,} values) are freshly initialised: no checkpoint trained them and no "
             f"pretrained weights hold them, so the metrics would say nothing about the model:",
-            *_describe_untrained(task, untrained),
+            *describe_untrained(task, untrained),
             "To proceed: train them (python train.py ...) and evaluate the checkpoint (python eval.py "
             "ckpt_path=...); or choose a pretrained model and a memory without parameters (e.g. model=smollm2_135m "
             "memory=xl memory.xl.sink_tokens=4; memory=none, full, xl and swa add none); or evaluate anyway with "

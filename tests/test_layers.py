@@ -34,6 +34,7 @@ LAYERS = {
     "stm.horizon": 4,
     "stm.lengthgen": 4,
     "stm.wandb_offline": 4,
+    "stm.untrained": 4,
     "stm": 5,  # the package's own __init__ (the version) and nothing else
 }
 
