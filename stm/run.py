@@ -35,6 +35,7 @@ from stm.resume import (
 )
 from stm.sweeps import NonFiniteMetricError, configure_wandb, ddp_job, is_rank_zero
 from stm.untrained import describe_untrained, untrained_parameters
+from stm.warm_start import warm_start
 
 log = logging.getLogger("stm")
 
@@ -157,6 +158,10 @@ def train(cfg: DictConfig) -> float | None:
         started = time.time()
         out = _output_dir(cfg)
         trust = trusts_checkpoints(cfg)
+        init_from = cfg.get("init_from") or None
+        if init_from and cfg.get("ckpt_path"):
+            raise ConfigError(f"init_from={init_from} and ckpt_path={cfg.ckpt_path}: set one; ckpt_path resumes a run "
+                              "(weights, optimizer, step), init_from starts a new one from a checkpoint's weights")
         ckpt_path = checkpoint_to_resume(cfg)  # refuses a checkpoint that needs code to load (unless trusted)
         with open_dict(cfg):
             cfg.ckpt_path = ckpt_path  # the other ranks of a DDP job resume from the same checkpoint
@@ -172,8 +177,11 @@ def train(cfg: DictConfig) -> float | None:
         trainer, loggers = build_trainer(cfg, callbacks=[guard])
         try:
             if ckpt_path:
-                log.info("resuming from %s", ckpt_path)
+                again = f" (init_from={init_from} is not read again)" if init_from else ""
+                log.info("resuming from %s%s", ckpt_path, again)
                 continue_csv_logs(loggers, checkpoint_step(ckpt_path, trust))
+            elif init_from:
+                warm_start(task, init_from, trust)
             for lg in loggers:
                 lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             n_params = sum(p.numel() for p in model.parameters())

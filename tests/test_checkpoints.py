@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from stm.config import ConfigError
 from stm.resume import UntrustedCheckpointError
-from stm.run import evaluate, load_checkpoint_config, train
+from stm.run import build_components, evaluate, load_checkpoint_config, train
+from stm.warm_start import warm_start
 
 # a small model on stream lanes with a carried xl memory, so that the checkpoint holds a lane memory state too
 TINY = ["task=lm", "debug=limit", "model.d_model=64", "model.n_layers=2", "task.segment_len=32", "task.n_segments=2",
@@ -179,3 +180,50 @@ def test_a_stored_config_that_builds_code_outside_stm_is_refused(tiny_run, tmp_p
         load_checkpoint_config(remote)
     config, _ = load_checkpoint_config(shell, trust=True)  # trusted: the user's own classes are theirs to build
     assert config.model._target_ == "os.system"
+
+
+# ------------------------------------------------------------------------------- init_from (warm start)
+
+def test_init_from_copies_the_matching_weights_and_leaves_the_memory_fresh(tiny_run, tmp_path):
+    last = tiny_run / "last.ckpt"
+    rmt = [o for o in TINY if not o.startswith("memory")] + ["memory=rmt", "memory.rmt.num_memory_tokens=4"]
+    cfg = compose_config("train", rmt, tmp_path)
+    task = build_components(cfg)["task"]
+    before = {k: v.clone() for k, v in task.state_dict().items()}
+    report = warm_start(task, last)
+    saved = stored(last)["state_dict"]
+    after = task.state_dict()
+    assert report.loaded and all(torch.equal(after[k], saved[k]) for k in report.loaded)
+    changed = [k for k in report.loaded if not torch.equal(before[k], saved[k])]
+    assert len(changed) >= len(report.loaded) // 2  # the fresh model differed from the trained one
+    # rmt's memory tokens are not in an xl checkpoint: left as initialised, and named
+    assert report.fresh and all("memory" in k for k in report.fresh), report.fresh
+    assert all(torch.equal(after[k], before[k]) for k in report.fresh)
+    assert set(report.loaded) | set(report.fresh) == set(after) and report.unused == []
+    assert f"init_from: {len(report.loaded)} tensors from {last}" in report.describe()
+
+
+def test_init_from_refuses_weights_of_another_shape(tiny_run, tmp_path):
+    cfg = compose_config("train", [*TINY, "model.d_model=32"], tmp_path)
+    task = build_components(cfg)["task"]
+    wrong = r"init_from: .* other shapes .*: checkpoint \(\d+, 64\), this run \(\d+, 32\)"
+    with pytest.raises(ValueError, match=wrong):
+        warm_start(task, tiny_run / "last.ckpt")
+
+
+def test_init_from_starts_a_new_run_and_refuses_ckpt_path_beside_it(tiny_run, tmp_path):
+    last = tiny_run / "last.ckpt"
+    with pytest.raises(ConfigError, match="init_from=.* and ckpt_path=.*: set one"):
+        train(compose_config("train", [*TINY, f"init_from={last}", f"ckpt_path={last}"], tmp_path / "both"))
+    train(compose_config("train", [*TINY, f"init_from={last}"], tmp_path / "warm"))
+    warm = stored(tmp_path / "warm" / "checkpoints" / "last.ckpt")
+    assert warm["global_step"] == stored(last)["global_step"] == 6  # its own 6 steps, not 6 more after the first run's
+
+
+def test_init_from_refuses_a_checkpoint_whose_pickle_runs_code(tiny_run, tmp_path):
+    marker = tmp_path / "created"
+    bad = malicious_copy(tiny_run / "last.ckpt", tmp_path / "bad.ckpt", marker)
+    task = build_components(compose_config("train", TINY, tmp_path))["task"]
+    with pytest.raises(UntrustedCheckpointError):
+        warm_start(task, bad)
+    assert not marker.exists()

@@ -35,6 +35,7 @@ LAYERS = {
     "stm.lengthgen": 4,
     "stm.wandb_offline": 4,
     "stm.untrained": 4,
+    "stm.warm_start": 4,
     "stm": 5,  # the package's own __init__ (the version) and nothing else
 }
 
