@@ -4,13 +4,16 @@
     python benchmarks/horizon.py --seeds 0,1,2,3,4 --memory rmt --name horizon_rmt_seeds
     python benchmarks/horizon.py --collect logs/horizon/multiruns/<time> --name horizon
     python benchmarks/horizon.py --capacity hydra/launcher=joblib   # experiment=capacity, 2 jobs at a time
+    python benchmarks/horizon.py --capacity --init-from <last.ckpt>  # reuse a trained capacity_circuit run
 
 Runs `train.py -m experiment=<experiment> probe_memory=<memory> seed=<seeds> [overrides]` one job at a time
 (torch threads as set by --threads), then `stm.horizon.collect` over the sweep folder(s), and writes
 `benchmarks/results/<name>.json` (the command, environment, per-run rows, pooled curves, table) and, with
 --plot, the figure. The per-run `horizon.json` and `csv/metrics.csv` are copied under
 `benchmarks/results/<name>/` so that the notebook can show them without the logs folder. With --capacity
-(experiment=capacity, name capacity) the collected view is the capacity one: accuracy by mechanism and K.
+(experiment=capacity, name capacity) the collected view is the capacity one: accuracy by mechanism and K; the
+sweep starts from the two-layer recall circuit, trained first by `train.py experiment=capacity_circuit` (one job,
+checked to solve recall inside a segment before the sweep starts) unless --init-from names its checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +42,33 @@ def run_sweep(experiment: str, memory: str, seeds: str, overrides: list[str], sw
     if result.returncode != 0:
         raise SystemExit(f"the sweep failed (exit code {result.returncode}); its jobs are under {sweep_dir}")
     return time.time() - started
+
+
+def train_circuit(seed: str, stamp: str, threads: int, solve_at: float) -> dict:
+    """`train.py experiment=capacity_circuit`: the recall circuit every capacity job starts from. Returns its
+    checkpoint, accuracy (per query, inside one segment), step and wall time; exits if it did not solve recall."""
+    run_dir = REPO_ROOT / "logs" / "capacity_circuit" / "runs" / f"circuit_{stamp}"
+    args = [sys.executable, "train.py", "experiment=capacity_circuit", f"seed={seed}", f"hydra.run.dir={run_dir}",
+            "callbacks.progress_bar=null"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    progress(" ".join(args[1:]))
+    started = time.time()
+    if subprocess.run(args, cwd=REPO_ROOT, env=env).returncode != 0:
+        raise SystemExit(f"the circuit run failed; its log is under {run_dir}")
+    return {**check_circuit(run_dir / "checkpoints" / "last.ckpt", solve_at), "seconds": time.time() - started}
+
+
+def check_circuit(checkpoint: Path, solve_at: float) -> dict:
+    """The circuit run's final accuracy (its horizon.json, next to `checkpoints/`); exits below `solve_at`."""
+    run_dir = checkpoint.resolve().parent.parent
+    record = horizon.read_record(run_dir / horizon.HORIZON_FILE, ("overall", "step", "score"), "benchmarks/horizon.py")
+    overall = record["overall"]
+    accuracy = overall["accuracy"][record["score"]]
+    if accuracy is None or accuracy < solve_at:
+        raise SystemExit(f"the circuit run ({run_dir}) reached {accuracy} per query (n = {overall['count']}) at step "
+                         f"{record['step']}, below {solve_at}: it did not leave the plateau; try another --seeds")
+    return {"init_from": str(checkpoint), "accuracy": accuracy, "n": overall["count"], "step": record["step"],
+            "seed": record.get("seed")}
 
 
 def keep_runs(roots: list[Path], target: Path) -> None:
@@ -72,16 +102,22 @@ def main() -> None:
     parser.add_argument("--plot", help="also write the figure here (e.g. docs/horizon.png)")
     parser.add_argument("--solve-at", type=float, default=0.99)
     parser.add_argument("--note", help="free text kept with the result (e.g. the command that ran a collected sweep)")
+    parser.add_argument("--init-from", help="with --capacity: the capacity_circuit checkpoint to start every job from "
+                        "(default: train one first)")
     parser.add_argument("overrides", nargs="*", help="more train.py overrides for every job")
     args = parser.parse_args()
     args.experiment = args.experiment or ("capacity" if args.capacity else "horizon")
     args.name = args.name or args.experiment
     set_threads(args.threads)
-    seconds = None
+    seconds, circuit = None, None
     if args.collect:
         roots = [Path(p) for p in args.collect]
     else:
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        if args.capacity:
+            circuit = (check_circuit(Path(args.init_from), args.solve_at) if args.init_from else
+                       train_circuit(args.seeds.split(",")[0], stamp, args.threads, args.solve_at))
+            args.overrides = [f"init_from={circuit['init_from']}", *args.overrides]
         sweep_dir = REPO_ROOT / "logs" / args.experiment / "multiruns" / f"{args.name}_{stamp}"
         seconds = run_sweep(args.experiment, args.memory, args.seeds, args.overrides, sweep_dir, args.threads)
         roots = [sweep_dir]
@@ -91,7 +127,7 @@ def main() -> None:
         print("solved:", result["solved"])
     keep_runs(roots, RESULTS_DIR / args.name)
     payload = {"command": command_line(), "note": args.note, "environment": environment(),
-               "threads_per_job": args.threads, "sweep_seconds": seconds, **result}
+               "threads_per_job": args.threads, "sweep_seconds": seconds, "circuit": circuit, **result}
     print(f"written {save_result(args.name, payload)}")
     if args.plot and args.capacity:
         horizon.plot_capacity(result, args.plot)

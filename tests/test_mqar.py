@@ -367,7 +367,7 @@ def test_capacity_experiment_sweeps_mechanisms_and_k(train_config):
 
     cfg = train_config(["experiment=capacity", "data.val_source.n_pairs=16", "probe_memory=xl"])
     assert cfg.data.train_source.n_pairs == 16 and cfg.data.val_source.length == 256 == cfg.data.train_source.length
-    assert [stage.get("length") for stage in cfg.data.curriculum] == [16, 128, None]  # 8 pairs packed, then K
+    assert [stage.get("length") for stage in cfg.data.curriculum] == [128, None]  # K pairs over 4, then 8 segments
     assert cfg.data.val_source.format == "symbols" == cfg.data.train_source.format
     assert cfg.task.segment_len == 32 and cfg.tokenizer._target_.endswith("ByteTokenizer")
     assert list(cfg.memory) == ["xl"]
@@ -376,6 +376,18 @@ def test_capacity_experiment_sweeps_mechanisms_and_k(train_config):
     params = full.hydra.sweeper.params
     assert params["data.val_source.n_pairs"].split(",") == ["2", "8", "16"]
     assert list(train_config(["experiment=capacity", "probe_memory=armt"]).memory) == ["armt"]
+
+
+def test_the_capacity_circuit_is_the_capacity_model_on_one_packed_segment(train_config):
+    circuit = train_config(["experiment=capacity_circuit"])
+    capacity = train_config(["experiment=capacity"])
+    assert circuit.model == capacity.model and circuit.task.segment_len == capacity.task.segment_len == 32
+    for key in ("key_vocab", "value_vocab", "format"):
+        assert circuit.data.val_source[key] == capacity.data.val_source[key]
+    assert list(circuit.memory) == ["none"] and circuit.init_from is None and len(circuit.data.curriculum) == 1
+    # 8 pairs back to back and their 8 queries: 32 bytes, one segment (nothing for a memory to carry)
+    assert circuit.data.val_source.n_pairs * 2 * 2 == circuit.data.val_source.length * 2 == circuit.task.segment_len
+    assert circuit.data.batch_size == 128 and circuit.task.scheduler.min_lr_ratio == 1.0
 
 
 @pytest.mark.slow
