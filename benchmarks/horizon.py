@@ -103,20 +103,20 @@ def main() -> None:
     parser.add_argument("--solve-at", type=float, default=0.99)
     parser.add_argument("--note", help="free text kept with the result (e.g. the command that ran a collected sweep)")
     parser.add_argument("--init-from", help="with --capacity: the capacity_circuit checkpoint to start every job from "
-                        "(default: train one first)")
+                        "(default: train one first); with --collect, the one the collected jobs started from")
     parser.add_argument("overrides", nargs="*", help="more train.py overrides for every job")
     args = parser.parse_args()
     args.experiment = args.experiment or ("capacity" if args.capacity else "horizon")
     args.name = args.name or args.experiment
     set_threads(args.threads)
-    seconds, circuit = None, None
+    seconds = None
+    circuit = check_circuit(Path(args.init_from), args.solve_at) if args.capacity and args.init_from else None
     if args.collect:
         roots = [Path(p) for p in args.collect]
     else:
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         if args.capacity:
-            circuit = (check_circuit(Path(args.init_from), args.solve_at) if args.init_from else
-                       train_circuit(args.seeds.split(",")[0], stamp, args.threads, args.solve_at))
+            circuit = circuit or train_circuit(args.seeds.split(",")[0], stamp, args.threads, args.solve_at)
             args.overrides = [f"init_from={circuit['init_from']}", *args.overrides]
         sweep_dir = REPO_ROOT / "logs" / args.experiment / "multiruns" / f"{args.name}_{stamp}"
         seconds = run_sweep(args.experiment, args.memory, args.seeds, args.overrides, sweep_dir, args.threads)

@@ -289,10 +289,14 @@ def render_horizon(data: dict, small: bool) -> str:
 def render_capacity(data: dict, small: bool) -> str:
     seconds = data.get("sweep_seconds")
     took = f", the whole sweep {seconds / 60:.0f} min" if seconds else ""
+    circuit = data.get("circuit") or {}
+    start = (f" Every job started from the same recall circuit (`experiment=capacity_circuit`, seed "
+             f"{circuit.get('seed')}: {circuit['accuracy']:.1%} per query inside one segment, n = {circuit['n']}, "
+             f"at step {circuit['step']}) and trained its memory for the same steps." if "accuracy" in circuit else "")
     return (f"**Capacity** (multi-query associative recall: K pairs spread over the context, every key asked at "
             f"the end; accuracy per query, chance {fmt(data['chance'])}; `python benchmarks/horizon.py --capacity "
-            f"--plot benchmarks/results/capacity.png hydra/launcher=joblib`, which runs `python train.py -m "
-            f"experiment=capacity`{took}).\n\n{provenance(data, small)}\n\n"
+            f"--plot benchmarks/results/capacity.png hydra/launcher=joblib`, which trains the circuit and runs "
+            f"`python train.py -m experiment=capacity init_from=...`{took}).{start}\n\n{provenance(data, small)}\n\n"
             f"![capacity curves](benchmarks/results/capacity.png)\n\n```\n{data['table'].rstrip()}\n```")
 
 
