@@ -54,10 +54,10 @@ SMOKE_CHECK_MODEL = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=2, d_ff
 
 def import_stm():
     """stm's backbone needs only torch (no Hydra / OmegaConf), as on a bare GPU image."""
+    from stm.loop.segments import run_segments
     from stm.memory import FullAttention, NoMemory, RecurrentMemoryTokens, SegmentRecurrence, SlidingWindow
     from stm.models import Transformer
     from stm.models.attention import build_attention_mask
-    from stm.segments import run_segments
 
     return types.SimpleNamespace(Transformer=Transformer, run_segments=run_segments, NoMemory=NoMemory,
                                  FullAttention=FullAttention, RecurrentMemoryTokens=RecurrentMemoryTokens,

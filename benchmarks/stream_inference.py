@@ -99,7 +99,7 @@ class FlatStream:
         warnings.filterwarnings("ignore")
         import torch
 
-        from stm.segments import run_segments
+        from stm.loop.segments import run_segments
 
         common.set_threads(threads)
         torch.manual_seed(seed)
@@ -151,7 +151,7 @@ class FullStream:
         warnings.filterwarnings("ignore")
         import torch
 
-        from stm.segments import run_segments
+        from stm.loop.segments import run_segments
 
         common.set_threads(threads)
         torch.manual_seed(seed)

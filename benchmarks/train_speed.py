@@ -5,7 +5,7 @@ of 256), reads batches of 4 samples of 2048 tokens, float32, and takes one AdamW
 
     ours   stm.models.Transformer + memory none | full | rmt (16 tokens) | armt (rmt's 16 tokens plus an
            associative matrix in every layer, key_dim 32, nu 3) | xl (mem_len 512) | swa (window 512),
-           through stm.segments.run_segments, segments of 512 (full: one segment of 2048)
+           through stm.loop.segments.run_segments, segments of 512 (full: one segment of 2048)
     peers  x-transformers TransformerWrapper(Decoder): full causal over 2048; local attention
            (attn_max_attend_past=511: each token sees itself and the 511 before it, as our window 512);
            Transformer-XL memories (max_mem_len=512, 4 segments of 512 passing mems / return_mems)
@@ -117,6 +117,7 @@ class TrainSystem:
     # each builder returns (modules whose parameters train, a function computing the loss, description)
 
     def _build_stm(self):
+        from stm.loop.segments import run_segments
         from stm.memory import (
             AssociativeMemory,
             FullAttention,
@@ -126,7 +127,6 @@ class TrainSystem:
             SlidingWindow,
         )
         from stm.models import Transformer
-        from stm.segments import run_segments
 
         s = self.shape
         model = Transformer(vocab_size=s["vocab_size"], d_model=s["d_model"], n_layers=s["n_layers"],

@@ -1,6 +1,6 @@
 """stm: short-term memory for transformer language models.
 
-The backbone (`stm.models`, `stm.memory`, `stm.segments`) needs only torch; the Hydra app (`stm.run`,
+The backbone (`stm.models`, `stm.memory`, `stm.loop`) needs only torch; the Hydra app (`stm.run`,
 `stm.config`, which registers the OmegaConf resolvers that `conf/` uses) is imported where it is used.
 """
 

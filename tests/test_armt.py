@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stm.loop.segments import run_segments
 from stm.memory import AssociativeMemory, ComposedMemory, RecurrentMemoryTokens, SegmentExtras, SlidingWindow
 from stm.memory.armt import AssociativeState, associative_read, associative_write, dpfp
 from stm.memory.base import (
@@ -20,7 +21,6 @@ from stm.memory.base import (
     state_to_plain,
 )
 from stm.models import Transformer
-from stm.segments import run_segments
 
 V, D = 50, 32
 

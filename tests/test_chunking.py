@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from stm.constants import IGNORE_INDEX
 from stm.data import ByteTokenizer, sample_files
 from stm.data.chunking import layout_example, overlapping_segments
-from stm.segments import IGNORE_INDEX
 
 
 @pytest.mark.parametrize("overlap", [0, 7, 31])

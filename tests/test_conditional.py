@@ -7,10 +7,10 @@ import lightning as L
 import pytest
 import torch
 
+from stm.constants import IGNORE_INDEX
 from stm.data import ByteTokenizer
 from stm.data.conditional import ConditionalDataModule
 from stm.data.sources import JsonLines
-from stm.segments import IGNORE_INDEX
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -17,8 +17,8 @@ import torch
 from conftest import compose_config, load_json, save_tiny_llama
 
 from stm.config import ConfigError
+from stm.constants import IGNORE_INDEX
 from stm.run import build_components, evaluate, seed_everything
-from stm.segments import IGNORE_INDEX
 
 N_VAL = 6
 # the recall probe (64 bytes in segments of 16: 5 segments per example), a few validation examples, no loggers

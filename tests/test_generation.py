@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import memory_names, save_tiny_llama, small_memory
 
-from stm.generation import SegmentDecoder, generate, sample_next
+from stm.loop.generation import SegmentDecoder, generate, sample_next
 from stm.memory import (
     AssociativeMemory,
     ComposedMemory,

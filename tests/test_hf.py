@@ -17,6 +17,8 @@ import torch
 from conftest import memory_names, small_memory
 from torch import nn
 
+from stm.loop.generation import generate
+from stm.loop.segments import run_segments
 from stm.memory import (
     AssociativeMemory,
     FullAttention,
@@ -27,7 +29,6 @@ from stm.memory import (
 )
 from stm.memory.base import SegmentExtras
 from stm.models.hf import HFCausalLM
-from stm.segments import generate, run_segments
 
 VOCAB, D, SEG = 100, 64, 16
 
@@ -273,7 +274,7 @@ def test_every_mechanism_matches_stms_own_transformer(twins, stream, mechanism):
 def test_cached_decoding_on_hf_equals_rereading_and_stms_transformer(twins, stream, mechanism):
     """The key/value cache inside the final segment through `past_key_values`: step by step the same logits
     as re-reading the segment, and as stm's own transformer decoding the same tokens."""
-    from stm.generation import SegmentDecoder
+    from stm.loop.generation import SegmentDecoder
 
     ref, hf = twins
     torch.manual_seed(0)

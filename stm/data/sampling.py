@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from stm.segments import IGNORE_INDEX
+from stm.constants import IGNORE_INDEX
 
 
 class ShardedSampler(Sampler[int]):

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from stm.constants import IGNORE_INDEX
 from stm.data.cache import cached_tokenize
 from stm.data.sampling import ResumableSequence, ShardedSampler, StreamLanes
 from stm.data.tokenizers import Tokenizer
-from stm.segments import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A mechanism keeps an explicit state that is passed in and returned (never hidden in module attributes), so
 the same module serves training, evaluation, generation, DDP and checkpoint resume. The segment loop in
-`stm/segments.py` drives every mechanism the same way:
+`stm/loop/segments.py` drives every mechanism the same way:
 
     state = memory.init_state(batch_size, device)
     for segment in segments:

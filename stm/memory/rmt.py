@@ -3,7 +3,7 @@
 M memory embeddings are read at the start of a segment (prepended) and written at its end (appended):
 the write tokens see the whole segment, and their final hidden states become the next segment's memory.
 The state stays in the autograd graph, so gradients flow back through up to `bptt_depth` segments (the
-segment loop detaches it after every `bptt_depth` segments; see `stm.segments.run_segments`).
+segment loop detaches it after every `bptt_depth` segments; see `stm.loop.segments.run_segments`).
 
 Options the papers use: the number of memory tokens, where memory goes (`placement`: read at the start and
 write at the end as in the decoder RMT, or `write` only), a learned initial memory (or zeros), and no write

@@ -3,7 +3,7 @@
 Training: the loss is on the target tokens (and, with `context_loss_weight > 0` and `data.context_loss=true`,
 a weighted LM loss on the context). Validation: the target's loss / perplexity / bits per byte, and for the
 first `n_generate` validation examples a generation (the context read once into the memory state, the
-target decoded with the key/value cache of the final segment, `stm.generation`), scored by the task's text
+target decoded with the key/value cache of the final segment, `stm.loop.generation`), scored by the task's text
 metrics (`stm.text_metrics`, summed across DDP ranks) and shown as a table of samples in the loggers. The
 examples are generated `generation.batch_size` at a time (rows of different lengths, each with its own memory
 state), which gives the outputs of generating them one at a time.
@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from stm.generation import generate
+from stm.constants import IGNORE_INDEX
+from stm.loop.generation import generate
 from stm.memory.base import Memory
-from stm.segments import IGNORE_INDEX
 from stm.tasks.lm import LanguageModelTask
 
 log = logging.getLogger("stm")
@@ -124,7 +124,7 @@ class ConditionalLMTask(LanguageModelTask):
 
     def generate_texts(self, contexts: list[torch.Tensor], tokenizer) -> list[str]:
         """Decode a target for each context (1-D token ids, any lengths) under the configured generation, all of
-        them together (`stm.generation.generate`); returns the texts."""
+        them together (`stm.loop.generation.generate`); returns the texts."""
         g = self.generation
         stop_strings = g.get("stop_strings") or []
 

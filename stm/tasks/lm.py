@@ -13,9 +13,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from stm.loop.segments import SegmentRun, run_segments
 from stm.memory.base import Memory, state_from_plain, state_to_plain
 from stm.metrics import LN2, LanguageModelMetrics
-from stm.segments import SegmentRun, run_segments
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1):

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from stm.constants import IGNORE_INDEX
 from stm.memory.base import Memory, State
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -128,6 +127,3 @@ def _read_segment(model, input_ids, attention_mask, extras, labels):
     nll = F.cross_entropy(outputs.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none")
     return outputs, nll.view(labels.shape)
-
-
-from stm.generation import generate, sample_next  # noqa: E402,F401  (generation reads through run_segments)

@@ -1,6 +1,6 @@
 """Generation under memory: read the context once into the memory state, then decode in the final segment.
 
-The context's whole segments go through the segment loop (`stm.segments.run_segments`); what is left of it
+The context's whole segments go through the segment loop (`stm.loop.segments.run_segments`); what is left of it
 (at least one token) opens the final segment, and the new tokens are decoded there:
 
 - with a key/value cache inside the final segment (`use_cache=True`, the default): each step feeds only
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stm.loop.segments import run_segments
 from stm.memory.base import KeyValues, LayerMemory, Memory, SegmentExtras, State, select_rows
 
 
@@ -157,8 +158,6 @@ class SegmentDecoder:
     def _read_contexts(self, contexts: list[torch.Tensor], n_read: list[int]) -> list[State]:
         """Each row's memory state after its whole segments: rows read together, longest first, each leaving the
         batch when its segments are read."""
-        from stm.segments import run_segments
-
         states: list[State] = [None] * len(contexts)
         active = sorted((i for i in range(len(contexts)) if n_read[i]), key=lambda i: -n_read[i])
         state, done = (self.memory.init_state(len(active), self.device) if active else None), 0
