@@ -235,7 +235,7 @@ def training_report(cfg: DictConfig, trainer: L.Trainer, parts: dict, seconds: f
 
 def unigram_baseline(datamodule, vocab_size: int) -> dict[str, float] | None:
     """Loss and bits per byte of a unigram model fitted on the training text, on the validation text."""
-    from stm.metrics import unigram_nll
+    from stm.metrics.lm import unigram_nll
 
     train_ids, val_ids = getattr(datamodule, "train_ids", None), getattr(datamodule, "val_ids", None)
     if train_ids is None or val_ids is None or len(val_ids) < 2:

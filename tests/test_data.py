@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stm.data import ByteTokenizer, HFTokenizer, TextDataModule, sample_files
-from stm.metrics import LanguageModelMetrics, unigram_nll
+from stm.metrics.lm import LanguageModelMetrics, unigram_nll
 
 TEXT = "It is a truth universally acknowledged — café, naïve — that a single man…\n"
 

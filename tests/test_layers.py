@@ -23,7 +23,6 @@ LAYERS = {
     "stm.loop": 2,
     "stm.data": 2,
     "stm.metrics": 2,
-    "stm.text_metrics": 2,
     "stm.tasks": 3,
     "stm.cli": 4,
     "stm.run": 4,

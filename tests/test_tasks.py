@@ -103,7 +103,7 @@ def test_overfit_reproduces_the_targets(train_config, tmp_path, task):
     rows = samples_written(tmp_path)
     assert len(rows) == 4
     if task == "summarization":
-        from stm.text_metrics import build_text_metrics
+        from stm.metrics.text import build_text_metrics
 
         rouge = build_text_metrics(["rouge"])
         rouge.update([r["output"] for r in rows], [r["reference"] for r in rows])

@@ -1,4 +1,4 @@
-"""stm.text_metrics against the reference implementations (rouge_score, sacrebleu), under DDP, and sample tables."""
+"""stm.metrics.text against the reference implementations (rouge_score, sacrebleu), under DDP, and sample tables."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from rouge_score import rouge_scorer
 
-from stm.text_metrics import (
+from stm.metrics.text import (
     ROUGE_TYPES,
     answer_in_first_sentence,
     build_text_metrics,

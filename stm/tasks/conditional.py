@@ -4,7 +4,7 @@ Training: the loss is on the target tokens (and, with `context_loss_weight > 0` 
 a weighted LM loss on the context). Validation: the target's loss / perplexity / bits per byte, and for the
 first `n_generate` validation examples a generation (the context read once into the memory state, the
 target decoded with the key/value cache of the final segment, `stm.loop.generation`), scored by the task's text
-metrics (`stm.text_metrics`, summed across DDP ranks) and shown as a table of samples in the loggers. The
+metrics (`stm.metrics.text`, summed across DDP ranks) and shown as a table of samples in the loggers. The
 examples are generated `generation.batch_size` at a time (rows of different lengths, each with its own memory
 state), which gives the outputs of generating them one at a time.
 
@@ -45,7 +45,7 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
 class ConditionalLMTask(LanguageModelTask):
     """Context -> target under a memory mechanism; see the module docstring.
 
-    metrics:             names for `stm.text_metrics.build_text_metrics` (default: the task's own).
+    metrics:             names for `stm.metrics.text.build_text_metrics` (default: the task's own).
     generation:          max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty, use_cache,
                          stop_strings (the output is cut at the first one; decoding stops there), batch_size
                          (how many examples are decoded together; 1: one at a time, with the same outputs
@@ -66,7 +66,7 @@ class ConditionalLMTask(LanguageModelTask):
                  context_loss_weight: float = 0.0):
         super().__init__(model, memory, optimizer, scheduler, segment_len, n_segments, bptt_depth,
                          checkpoint_segments, weight_decay)
-        from stm.text_metrics import build_text_metrics
+        from stm.metrics.text import build_text_metrics
 
         generation = {**self.default_generation, **dict(generation or {})}
         unknown = sorted(set(generation) - set(GENERATION_KEYS))

@@ -15,7 +15,7 @@ from torch import nn
 
 from stm.loop.segments import SegmentRun, run_segments
 from stm.memory.base import Memory, state_from_plain, state_to_plain
-from stm.metrics import LN2, LanguageModelMetrics
+from stm.metrics.lm import LN2, LanguageModelMetrics
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1):

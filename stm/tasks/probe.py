@@ -49,9 +49,9 @@ import torch
 from torchmetrics import Metric, SumMetric
 
 from stm.constants import IGNORE_INDEX
+from stm.metrics.text import answer_in_first_sentence, exact_match
 from stm.tasks.qa import QuestionAnsweringTask
 from stm.tasks.scores_by_length import LENGTHS_FILE, ExampleScores, accuracy_by_length, lengths_table, set_and_task
-from stm.text_metrics import answer_in_first_sentence, exact_match
 
 log = logging.getLogger("stm")
 

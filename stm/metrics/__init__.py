@@ -1,0 +1,1 @@
+"""Scoring: language-modelling sums (`lm`) and the text metrics of generated targets (`text`)."""
