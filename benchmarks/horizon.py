@@ -7,7 +7,7 @@
     python benchmarks/horizon.py --capacity --init-from <last.ckpt>  # reuse a trained capacity_circuit run
 
 Runs `train.py -m experiment=<experiment> probe_memory=<memory> seed=<seeds> [overrides]` one job at a time
-(torch threads as set by --threads), then `stm.horizon.collect` over the sweep folder(s), and writes
+(torch threads as set by --threads), then `stm.analysis.horizon.collect` over the sweep folder(s), and writes
 `benchmarks/results/<name>.json` (the command, environment, per-run rows, pooled curves, table) and, with
 --plot, the figure. The per-run `horizon.json` and `csv/metrics.csv` are copied under
 `benchmarks/results/<name>/` so that the notebook can show them without the logs folder. With --capacity
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from common import REPO_ROOT, RESULTS_DIR, command_line, environment, progress, save_result, set_threads
 
-from stm import horizon
+from stm.analysis import horizon
 
 
 def run_sweep(experiment: str, memory: str, seeds: str, overrides: list[str], sweep_dir: Path, threads: int) -> float:

@@ -1,5 +1,5 @@
 """Faithful BABILong QA1-QA5 (stm.data.babilong), several validation lengths in one run (data.val_lengths) with
-task=probe's accuracy by length and task (babilong.json), and the sweep collector (stm.lengthgen)."""
+task=probe's accuracy by length and task (babilong.json), and the sweep collector (stm.analysis.lengthgen)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import pytest
 from conftest import SHARED_DATA, compose_config
 
-from stm import lengthgen
+from stm.analysis import lengthgen
 from stm.data.babilong import BabiLongQASource, babi_file_path, read_babi_file
 from stm.data.conditional import val_set_overrides
 from stm.data.probes import RecallSource, background_sentences

@@ -30,9 +30,7 @@ LAYERS = {
     "stm.resume": 4,
     "stm.sweeps": 4,
     "stm.callbacks": 4,
-    "stm.horizon": 4,
-    "stm.lengthgen": 4,
-    "stm.wandb_offline": 4,
+    "stm.analysis": 4,
     "stm.untrained": 4,
     "stm.warm_start": 4,
     "stm": 5,  # the package's own __init__ (the version) and nothing else

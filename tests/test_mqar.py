@@ -1,5 +1,5 @@
 """Capacity probes: multi-query associative recall (stm.data.probes.mqar), its label masking in the conditional
-data module, teacher-forced scoring per query in task=probe, the capacity view of stm.horizon, and
+data module, teacher-forced scoring per query in task=probe, the capacity view of stm.analysis.horizon, and
 experiment=capacity."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from stm import horizon
+from stm.analysis import horizon
 from stm.constants import IGNORE_INDEX
 from stm.data.conditional import ConditionalDataModule
 from stm.data.probes import MQARSource, RecallSource, mqar

@@ -1,5 +1,5 @@
 """task=probe: accuracy by distance and horizon.json, the curriculum over segment count, a horizon sweep with its
-collection (stm.horizon) and notebook, and a statistical check that a small rmt model beats none on recall."""
+collection (stm.analysis.horizon) and notebook, and a statistical check that a small rmt model beats none on recall."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, load_json, read_csv_metrics, run_script
 
-from stm import horizon
+from stm.analysis import horizon
 from stm.data.conditional import ExampleInfo
 from stm.data.curriculum import CurriculumBatchSampler, CurriculumDataModule, check_stages, stage_source
 from stm.data.probes import MQARSource, RecallSource

@@ -16,9 +16,9 @@ import torch
 from conftest import compose_config, load_json, read_csv_metrics, run_script
 from omegaconf import OmegaConf
 
+from stm.analysis.wandb_offline import read_offline_run
 from stm.run import build_trainer, compile_backbone, evaluate, train
 from stm.sweeps import JobDDPStrategy, JobLauncher, NonFiniteMetricError
-from stm.wandb_offline import read_offline_run
 
 # segments of 48 bytes, 2 per chunk: the Austen validation text is 654 chunks, an even number, so two ranks
 # read 327 each and no chunk is read twice (a padded shard would count one twice)

@@ -10,9 +10,9 @@ import torch
 from conftest import load_json, read_csv_metrics, run_script
 from omegaconf import OmegaConf
 
+from stm.analysis.wandb_offline import read_offline_run
 from stm.data import ByteTokenizer, sample_files
 from stm.run import train
-from stm.wandb_offline import read_offline_run
 
 
 @pytest.mark.parametrize("model,memory,task", [

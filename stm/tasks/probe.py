@@ -20,19 +20,19 @@ the argmax equals the label at every token of its answer. The unit is then the q
 the bucket of its own distance (`query_distance_segments`: from its pair to the position that predicts its
 answer), `val/acc` is the accuracy per query, `val/n_queries` the number of queries scored, and
 `val/exact_match` the share of examples with every query right. horizon.json says `unit: query` and records
-n_pairs (K) and n_queries; `stm.horizon --capacity` tabulates accuracy against K.
+n_pairs (K) and n_queries; `stm.analysis.horizon --capacity` tabulates accuracy against K.
 
 The sums are torchmetrics states reduced by summing, so the accuracies are exact under DDP. After every
 validation, rank zero writes `horizon.json` (mechanism, bucket edges, counts, correct, accuracy, baselines)
 into the run's output folder (`trainer.default_root_dir`); at the end of fit the task logs a one-line table
-(mechanism, accuracy near, accuracy far, overall). `stm.horizon` gathers the files of a sweep into curves.
+(mechanism, accuracy near, accuracy far, overall). `stm.analysis.horizon` gathers the files of a sweep into curves.
 
 By length and task: where the validation holds several sets (`data.val_lengths`: each example's meta says its
 `val_set`, e.g. "2048") or BABILong examples (meta `task`: qa1, ...), every scored example is also counted by
 (set, task): logged as `val/<set>/acc` (the first score; the others as `val/<set>/<score>`), `val/<set>/n` and,
 with several tasks, `val/<set>/acc_<task>`; and `lengths_file` (babilong.json) in the run folder holds the
 counts, accuracy and binomial standard error per set and task (plus all tasks pooled and their mean), with
-the outputs of every example; a table of it is logged after each validation. `stm.lengthgen` gathers the files
+the outputs of every example; a table of it is logged after each validation. `stm.analysis.lengthgen` gathers the files
 of a sweep into one table (mechanism x task x length).
 """
 

@@ -1,7 +1,7 @@
 """Accuracy by validation set (length) and task, for probes validated at several lengths (`data.val_lengths`)
 or over several BABILong tasks: every scored unit's scores, gathered across ranks (`ExampleScores`), counted
 per (set, task) with the binomial standard error (`accuracy_by_length`), and shown as a task x length table
-(`lengths_table`). `task=probe` writes the counts to `LENGTHS_FILE` in the run folder; `stm.lengthgen` pools
+(`lengths_table`). `task=probe` writes the counts to `LENGTHS_FILE` in the run folder; `stm.analysis.lengthgen` pools
 the files of a sweep."""
 
 from __future__ import annotations

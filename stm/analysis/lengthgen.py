@@ -1,10 +1,11 @@
 """Length generalisation: gather the `babilong.json` of a sweep's runs into one table, mechanism x task x length.
 
-    python -m stm.lengthgen logs/babilong_lengthgen/multiruns/<time> --out benchmarks/results/babilong_lengthgen.json
+    python -m stm.analysis.lengthgen logs/babilong_lengthgen/multiruns/<time> \\
+        --out benchmarks/results/babilong_lengthgen.json
 
 Every folder is searched recursively for `babilong.json` (one per run, written by `stm.tasks.ProbeTask` after a
 validation of several lengths or of BABILong examples: counts and correct answers per length and task). Runs of
-the same mechanism (same memory config, told apart as `stm.horizon` does) are pooled: their correct answers and
+the same mechanism (same memory config, told apart as `stm.analysis.horizon` does) are pooled: their correct answers and
 counts are summed per length and task (so seeds pool), the accuracy and its binomial standard error computed
 from the sums, and "mean" is the tasks' accuracies averaged (BABILong's QA1-5 average).
 """
@@ -16,21 +17,21 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from stm.horizon import _order, _plain, find_runs, label_of, read_record
+from stm.analysis.horizon import _order, _plain, find_runs, label_of, read_record
 from stm.tasks.scores_by_length import LENGTHS_FILE, _natural, binomial_stderr, lengths_table
 
 
 def load_run(path: str | Path) -> dict:
     """A run's babilong.json with `path` and `run_dir` added; a file that is not one is an error naming it."""
-    return read_record(path, ("mechanism", "score", "lengths", "tasks", "cells"), reader="stm.lengthgen")
+    return read_record(path, ("mechanism", "score", "lengths", "tasks", "cells"), reader="stm.analysis.lengthgen")
 
 
 def load_runs(roots: Iterable[str | Path]) -> list[dict]:
-    """Every run under `roots`, in mechanism order (as stm.horizon: none, full, swa, xl, rmt, armt, others)."""
+    """Every run under `roots`, in mechanism order (as stm.analysis.horizon: none, full, swa, xl, rmt, armt, others)."""
     roots = list(roots)
     runs = [load_run(p) for p in find_runs(roots, LENGTHS_FILE)]
     if not runs:
-        raise FileNotFoundError(f"stm.lengthgen: no {LENGTHS_FILE} under {[str(r) for r in roots]}")
+        raise FileNotFoundError(f"stm.analysis.lengthgen: no {LENGTHS_FILE} under {[str(r) for r in roots]}")
     return sorted(runs, key=_order)
 
 
@@ -39,12 +40,13 @@ def lengthgen(runs: Sequence[dict], score: str | None = None) -> dict:
     [{"label", "mechanism", "length", "task", "n", "correct", "accuracy", "stderr", "runs"}, ...] (tasks, then
     "mean" of a label's tasks at a length), "runs": [{"label", "mechanism", "seed", "step", "path"}], "table"}."""
     if not runs:
-        raise ValueError("stm.lengthgen: no runs")
+        raise ValueError("stm.analysis.lengthgen: no runs")
     score = score or runs[0]["score"]
     pooled: dict[tuple[str, str, str], dict] = {}
     for run in runs:
         if score not in run.get("scores", [run["score"]]):
-            raise ValueError(f"stm.lengthgen: {run['path']} has no score {score!r} (it has {run.get('scores')})")
+            raise ValueError(f"stm.analysis.lengthgen: {run['path']} has no score {score!r} "
+                             f"(it has {run.get('scores')})")
         label = label_of(run, runs)
         for c in run["cells"]:
             if c["task"] in ("all", "mean"):
@@ -102,7 +104,7 @@ def collect(roots: Iterable[str | Path], score: str | None = None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m stm.lengthgen", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stm.analysis.lengthgen", description=__doc__.split("\n\n")[0])
     parser.add_argument("roots", nargs="+", help=f"sweep folders (searched for {LENGTHS_FILE}) or such files")
     parser.add_argument("--out", help="write the pooled cells, the runs and the table to this JSON file")
     parser.add_argument("--score", help="which score (default: each run's first, e.g. first_sentence)")

@@ -1,6 +1,6 @@
 """Horizon curves: gather the `horizon.json` of a sweep's runs (task=probe), tabulate and plot them.
 
-    python -m stm.horizon logs/horizon/multiruns/<time> [more folders] --out horizon.json --plot horizon.png
+    python -m stm.analysis.horizon logs/horizon/multiruns/<time> [more folders] --out horizon.json --plot horizon.png
 
 Every folder is searched recursively for `horizon.json` files (one per run, written by `stm.tasks.ProbeTask`
 after its last validation). A run's record is that file, plus where it lies and what else the run left there:
@@ -12,7 +12,7 @@ seeds pool), and the per-run numbers stay in the table, with how many runs `solv
 The capacity view (`--capacity`, for `experiment=capacity`: multi-query recall at several K) tabulates the
 overall accuracy (per query, pooled over seeds) by mechanism and number of pairs K, and plots it against K:
 
-    python -m stm.horizon logs/capacity/multiruns/<time> --capacity --out capacity.json --plot capacity.png
+    python -m stm.analysis.horizon logs/capacity/multiruns/<time> --capacity --out capacity.json --plot capacity.png
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ def find_runs(roots: Iterable[str | Path], filename: str = HORIZON_FILE) -> list
         elif root.is_dir():
             found += sorted(root.rglob(filename))
         else:
-            raise FileNotFoundError(f"stm.horizon: {root} does not exist")
+            raise FileNotFoundError(f"stm.analysis.horizon: {root} does not exist")
     return found
 
 
-def read_record(path: str | Path, keys: Sequence[str], reader: str = "stm.horizon") -> dict:
+def read_record(path: str | Path, keys: Sequence[str], reader: str = "stm.analysis.horizon") -> dict:
     """The JSON record a probe run wrote at `path`, with `path` and `run_dir` added; a file that cannot be read
     or lacks one of `keys` is an error naming it (`reader` names who reads it)."""
     path = Path(path)
@@ -73,7 +73,7 @@ def load_runs(roots: Iterable[str | Path]) -> list[dict]:
     """Every run under `roots`, in mechanism order (none, full, swa, xl, rmt, then others), then by seed."""
     runs = [load_run(p) for p in find_runs(roots)]
     if not runs:
-        raise FileNotFoundError(f"stm.horizon: no {HORIZON_FILE} under {[str(r) for r in roots]}")
+        raise FileNotFoundError(f"stm.analysis.horizon: no {HORIZON_FILE} under {[str(r) for r in roots]}")
     return sorted(runs, key=_order)
 
 
@@ -138,8 +138,8 @@ def curves(runs: Sequence[dict], score: str | None = None) -> dict[str, dict]:
                                   "correct": [0.0] * len(run["buckets"]), "runs": 0, "seeds": [],
                                   "segment_len": run.get("segment_len"), "baselines": run.get("baselines", {})}
         if [b["name"] for b in run["buckets"]] != curve["names"]:
-            raise ValueError(f"stm.horizon: {run['path']} has buckets {[b['name'] for b in run['buckets']]}, other "
-                             f"runs of {label} have {curve['names']}: use the same task.edges")
+            raise ValueError(f"stm.analysis.horizon: {run['path']} has buckets {[b['name'] for b in run['buckets']]}, "
+                             f"other runs of {label} have {curve['names']}: use the same task.edges")
         for k, bucket in enumerate(run["buckets"]):
             curve["count"][k] += bucket["count"]
             curve["correct"][k] += bucket["correct"][s]
@@ -265,8 +265,8 @@ def n_pairs_of(run: dict) -> int:
     if k is None:
         k = (run.get("val_source") or {}).get("n_pairs")
     if not isinstance(k, int) or isinstance(k, bool):
-        raise ValueError(f"stm.horizon --capacity: {run.get('path')} records no single number of pairs (n_pairs: "
-                         f"{k!r}): not a run of one K (experiment=capacity)")
+        raise ValueError(f"stm.analysis.horizon --capacity: {run.get('path')} records no single number of pairs "
+                         f"(n_pairs: {k!r}): not a run of one K (experiment=capacity)")
     return k
 
 
@@ -279,10 +279,10 @@ def capacity(runs: Sequence[dict], score: str | None = None) -> dict:
     K aside. The unit is the query (multi-query probes) or the example; runs that count different units
     are refused."""
     if not runs:
-        raise ValueError("stm.horizon --capacity: no runs")
+        raise ValueError("stm.analysis.horizon --capacity: no runs")
     units = {run.get("unit", "example") for run in runs}
     if len(units) > 1:
-        raise ValueError(f"stm.horizon --capacity: the runs count different units {sorted(units)} (query: "
+        raise ValueError(f"stm.analysis.horizon --capacity: the runs count different units {sorted(units)} (query: "
                          f"multi-query probes, example: generated answers); collect them apart")
     cells: dict[tuple[str, int], dict] = {}
     for run in runs:
@@ -377,7 +377,7 @@ def collect_capacity(roots: Iterable[str | Path]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m stm.horizon", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stm.analysis.horizon", description=__doc__.split("\n\n")[0])
     parser.add_argument("roots", nargs="+", help="sweep folders (searched for horizon.json) or horizon.json files")
     parser.add_argument("--out", help="write the collected runs, curves and table to this JSON file")
     parser.add_argument("--plot", help="write the figure to this file (.png, .svg, ...)")
