@@ -250,7 +250,7 @@ def test_a_lane_run_with_armt_resumed_from_its_checkpoint_ends_with_the_uninterr
     one does."""
     from conftest import compose_config
 
-    from stm.run import build_components, build_trainer, seed_everything
+    from stm.app.run import build_components, build_trainer, seed_everything
 
     def run(max_steps, out, ckpt_path=None):
         cfg = compose_config("train", [

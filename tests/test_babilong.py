@@ -10,11 +10,11 @@ import pytest
 from conftest import SHARED_DATA, compose_config
 
 from stm.analysis import lengthgen
+from stm.app.run import build_components, build_trainer
 from stm.data.babilong import BabiLongQASource, babi_file_path, read_babi_file
 from stm.data.conditional import val_set_overrides
 from stm.data.probes import RecallSource, background_sentences
 from stm.data.tokenizers import ByteTokenizer
-from stm.run import build_components, build_trainer
 from stm.tasks.probe import SCORES
 from stm.tasks.scores_by_length import accuracy_by_length
 

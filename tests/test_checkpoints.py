@@ -13,9 +13,9 @@ import torch
 from conftest import compose_config, run_script
 from omegaconf import DictConfig, OmegaConf
 
-from stm.config import ConfigError
-from stm.resume import UntrustedCheckpointError
-from stm.run import build_components, evaluate, load_checkpoint_config, train
+from stm.app.config import ConfigError
+from stm.app.resume import UntrustedCheckpointError
+from stm.app.run import build_components, evaluate, load_checkpoint_config, train
 from stm.warm_start import warm_start
 
 # a small model on stream lanes with a carried xl memory, so that the checkpoint holds a lane memory state too

@@ -85,7 +85,7 @@ def test_translation_chapters_train_as_conditional_lm(tmp_path):
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the shared real data sets are not at {SHARED_DATA}")
 def test_data_conditional_config_trains_on_qmsum(train_config):
-    from stm.run import train
+    from stm.app.run import train
 
     cfg = train_config(["data=conditional", f"data.train_source.root={SHARED_DATA}",
                         f"data.val_source.root={SHARED_DATA}", "data.on_bad_record=skip", "task.segment_len=512",

@@ -7,8 +7,8 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
-from stm.config import ConfigError, config_dir
-from stm.run import build_components, build_trainer, seed_everything, train
+from stm.app.config import ConfigError, config_dir
+from stm.app.run import build_components, build_trainer, seed_everything, train
 
 CONF = config_dir()
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import compose_config, load_json, save_tiny_llama
 
-from stm.config import ConfigError
+from stm.app.config import ConfigError
+from stm.app.run import build_components, evaluate, seed_everything
 from stm.constants import IGNORE_INDEX
-from stm.run import build_components, evaluate, seed_everything
 
 N_VAL = 6
 # the recall probe (64 bytes in segments of 16: 5 segments per example), a few validation examples, no loggers

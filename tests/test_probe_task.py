@@ -13,11 +13,11 @@ import torch
 from conftest import ROOT, load_json, read_csv_metrics, run_script
 
 from stm.analysis import horizon
+from stm.app.run import build_components, train
 from stm.data.conditional import ExampleInfo
 from stm.data.curriculum import CurriculumBatchSampler, CurriculumDataModule, check_stages, stage_source
 from stm.data.probes import MQARSource, RecallSource
 from stm.data.tokenizers import ByteTokenizer
-from stm.run import build_components, train
 from stm.tasks.probe import DistanceAccuracy, bucket_names, horizon_table, mechanism_name
 
 # a short recall probe: pairs "k3:v7;" in 96 bytes of filler, segments of 16 bytes: the fact 1-6 segments back

@@ -18,9 +18,9 @@ from conftest import ROOT, compose_config, read_csv_metrics, run_script
 from omegaconf import OmegaConf
 
 from stm.analysis.wandb_offline import read_offline_run
-from stm.config import ConfigError, validate_train_config
-from stm.resume import experiment_overrides, resume_dir
-from stm.run import build_components, build_trainer, seed_everything, train
+from stm.app.config import ConfigError, validate_train_config
+from stm.app.resume import experiment_overrides, resume_dir
+from stm.app.run import build_components, build_trainer, seed_everything, train
 
 # a small model on stream lanes with a carried xl memory: data position and lane memory must both come back
 SMALL = ["task=lm",

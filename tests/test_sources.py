@@ -337,7 +337,7 @@ def test_topical_chat(source_config):
 @needs_data
 def test_language_modelling_over_a_record_source(train_config):
     """data=records with a real source: QMSum meetings become documents, the run trains on them."""
-    from stm.run import train
+    from stm.app.run import train
 
     cfg = train_config(["data=records", "source@data.source=qmsum_general", "debug=fast_dev_run",
                         f"data.source.root={SHARED_DATA}", "data.batch_size=2", "data.val_batch_size=2"])

@@ -17,8 +17,8 @@ from conftest import compose_config, load_json, read_csv_metrics, run_script
 from omegaconf import OmegaConf
 
 from stm.analysis.wandb_offline import read_offline_run
-from stm.run import build_trainer, compile_backbone, evaluate, train
-from stm.sweeps import JobDDPStrategy, JobLauncher, NonFiniteMetricError
+from stm.app.run import build_trainer, compile_backbone, evaluate, train
+from stm.app.sweeps import JobDDPStrategy, JobLauncher, NonFiniteMetricError
 
 # segments of 48 bytes, 2 per chunk: the Austen validation text is 654 chunks, an even number, so two ranks
 # read 327 each and no chunk is read twice (a padded shard would count one twice)
@@ -218,7 +218,7 @@ def test_launcher_configs(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from submitit.slurm.slurm import _make_sbatch_string
 
-    from stm.config import config_dir
+    from stm.app.config import config_dir
 
     def launcher(overrides):
         GlobalHydra.instance().clear()
@@ -250,7 +250,7 @@ def test_launcher_configs(tmp_path):
 
 def test_trainer_presets(tmp_path):
     ddp = compose_config("train", ["trainer=ddp"], tmp_path)
-    assert ddp.trainer.strategy._target_ == "stm.sweeps.JobDDPStrategy"
+    assert ddp.trainer.strategy._target_ == "stm.app.sweeps.JobDDPStrategy"
     assert (ddp.trainer.accelerator, ddp.trainer.precision, ddp.trainer.strategy.process_group_backend) == \
         ("gpu", "bf16-mixed", "nccl")
     cfg = compose_config("train", ["trainer=ddp_cpu"], tmp_path)

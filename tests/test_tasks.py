@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from stm.app.run import build_components, train
 from stm.data.examples import dialogue_examples, translation_examples
 from stm.data.fieldmap import Record
-from stm.run import build_components, train
 
 TASK_METRICS = {
     "summarization": ["rouge1", "rouge2", "rougeL", "rougeLsum"],

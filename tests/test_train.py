@@ -11,8 +11,8 @@ from conftest import load_json, read_csv_metrics, run_script
 from omegaconf import OmegaConf
 
 from stm.analysis.wandb_offline import read_offline_run
+from stm.app.run import train
 from stm.data import ByteTokenizer, sample_files
-from stm.run import train
 
 
 @pytest.mark.parametrize("model,memory,task", [
@@ -155,7 +155,7 @@ def test_language_model_beats_unigram(tmp_path):
 
 
 def test_eval_rejects_bad_checkpoints(tmp_path):
-    from stm.run import load_checkpoint_config
+    from stm.app.run import load_checkpoint_config
 
     with pytest.raises(FileNotFoundError, match="ckpt_path: .*nothing.ckpt does not exist"):
         load_checkpoint_config(tmp_path / "nothing.ckpt")

@@ -1,6 +1,6 @@
 """Which parameters of a freshly built task no weights file has set, for evaluating a model without a checkpoint
 (`python eval.py` with no `ckpt_path`): numbers from parameters nobody trained mean nothing, so `check_trained`
-refuses them by name unless `allow_untrained=true` (`stm.run.check_trained`, with `describe_untrained`'s lines)."""
+refuses them by name unless `allow_untrained=true` (`stm.app.run.check_trained`, with `describe_untrained`'s lines)."""
 
 from __future__ import annotations
 

@@ -20,9 +20,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from stm.config import ConfigError, validate_train_config, validate_trainer_config
-from stm.memory import build_memory
-from stm.resume import (
+from stm.app.config import ConfigError, validate_train_config, validate_trainer_config
+from stm.app.resume import (
     TRUST_HINT,
     RunGuard,
     UntrustedCheckpointError,
@@ -33,8 +32,9 @@ from stm.resume import (
     read_checkpoint,
     trusts_checkpoints,
 )
-from stm.sweeps import NonFiniteMetricError, configure_wandb, ddp_job, is_rank_zero
-from stm.untrained import describe_untrained, untrained_parameters
+from stm.app.sweeps import NonFiniteMetricError, configure_wandb, ddp_job, is_rank_zero
+from stm.app.untrained import describe_untrained, untrained_parameters
+from stm.memory import build_memory
 from stm.warm_start import warm_start
 
 log = logging.getLogger("stm")
@@ -150,7 +150,7 @@ def _output_dir(cfg: DictConfig) -> Path:
 def train(cfg: DictConfig) -> float | None:
     """Fit the task; returns the monitored validation metric (for sweeps), or None.
 
-    `resume=auto` continues from the run folder's last.ckpt (see `stm.resume`). A loss or optimized metric that
+    `resume=auto` continues from the run folder's last.ckpt (see `stm.app.resume`). A loss or optimized metric that
     is not finite raises `NonFiniteMetricError`, which a sweeper records as a failed trial.
     """
     validate_train_config(cfg)
@@ -315,7 +315,7 @@ def check_stored_config(config: Mapping, path: Path, trust: bool = False) -> Non
 
 def load_checkpoint_config(ckpt_path: str | Path, trust: bool = False) -> tuple[DictConfig, dict]:
     """The run config and validation metrics that stm stored in a checkpoint, read as plain data
-    (`stm.resume.read_checkpoint`) and checked (`check_stored_config`)."""
+    (`stm.app.resume.read_checkpoint`) and checked (`check_stored_config`)."""
     path = Path(ckpt_path).expanduser()
     checkpoint = read_checkpoint(path, trust=trust)
     stm_info = checkpoint.get("stm")
@@ -442,7 +442,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 def hydra_main(config_name: str):
     """A Hydra entry point over stm's conf/ folder, for `python train.py` and the console scripts."""
-    from stm.config import config_dir
+    from stm.app.config import config_dir
 
     def decorate(fn):
         return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(fn)

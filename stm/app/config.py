@@ -24,7 +24,7 @@ def config_dir() -> Path:
     A wheel carries conf/ as stm/conf/ (pyproject.toml maps the package `stm.conf` to conf/); a checkout, or an
     editable install of one (`pip install -e .`, what bootstrap.py does), reads the checkout's conf/ in place.
     """
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # stm/ (this file is stm/app/config.py)
     installed = package / "conf"
     checkout = package.parent / "conf"
     if (installed / "train.yaml").is_file():
@@ -50,8 +50,8 @@ def wandb_offline() -> bool:
 
 
 def _resume_dir(kind: str, parent: str, default: str, *, _root_: DictConfig) -> str:
-    """`${stm_resume_dir:run|sweep,<parent folder>,<new folder name>}`: see `stm.resume.resume_dir`."""
-    from stm.resume import resume_dir
+    """`${stm_resume_dir:run|sweep,<parent folder>,<new folder name>}`: see `stm.app.resume.resume_dir`."""
+    from stm.app.resume import resume_dir
 
     return resume_dir(kind, parent, default, _root_=_root_)
 
@@ -85,7 +85,7 @@ def _register_resolvers() -> None:
         "stm_if_gpu": _if_gpu,
         "mul": lambda *xs: _product(xs),
         "stm_wandb_offline": wandb_offline,
-        "stm_samples": lambda: str(Path(__file__).resolve().parent / "data" / "samples"),  # shipped data
+        "stm_samples": lambda: str(Path(__file__).resolve().parents[1] / "data" / "samples"),  # shipped data
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

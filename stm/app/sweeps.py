@@ -5,8 +5,8 @@ DDP. Lightning's DDP strategy starts ranks 1..N-1 by running the script again wi
 joblib or submitit worker there is no script to run again. `JobDDPStrategy` starts the other ranks of *this job*
 instead: `train()` / `evaluate()` announce themselves with `ddp_job(entry, cfg)`, and when the Trainer launches,
 the job's resolved config is written to `<output dir>/.stm_ddp_job.yaml` and each rank runs
-`python -c "from stm.sweeps import worker_main; worker_main()" <that file>`: the same config (the same output dir,
-checkpoint to resume, wandb id), appending to the job's one log file. When the job ends, its ranks are waited for
+`python -c "from stm.app.sweeps import worker_main; worker_main()" <that file>`: the same config (the same output
+dir, checkpoint to resume, wandb id), appending to the job's one log file. When the job ends, its ranks are waited for
 (killed if the job failed), the process group is destroyed and the environment restored, so the next job of the
 sweep starts afresh on a new port. Where the cluster starts the processes itself (SLURM `srun`, torchrun),
 nothing is launched: every rank runs the job.
@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("stm")
 
 JOB_FILE = ".stm_ddp_job.yaml"
-_WORKER = "from stm.sweeps import worker_main; worker_main()"
+_WORKER = "from stm.app.sweeps import worker_main; worker_main()"
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
 _current: dict[str, Any] = {}
 
@@ -57,7 +57,7 @@ def is_rank_zero() -> bool:
 
 @contextmanager
 def ddp_job(entry: str, cfg: DictConfig):
-    """Run `stm.run.<entry>(cfg)` as one job: a DDP Trainer inside starts its other ranks on `cfg`.
+    """Run `stm.app.run.<entry>(cfg)` as one job: a DDP Trainer inside starts its other ranks on `cfg`.
 
     On leaving, the job's ranks are waited for (killed if the job raised) and the distributed state is undone.
     """
@@ -188,7 +188,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     job = OmegaConf.load(argv[0])
     rank = int(os.environ.get("STM_RANK", os.environ.get("LOCAL_RANK", "1")))
     _log_to(list(job.get("log_files") or []), rank)
-    from stm import run
+    from stm.app import run
 
     try:
         getattr(run, job.entry)(job.config)

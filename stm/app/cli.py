@@ -2,7 +2,7 @@
 
 from omegaconf import DictConfig
 
-from stm.run import evaluate, hydra_main, train
+from stm.app.run import evaluate, hydra_main, train
 
 
 @hydra_main("train")

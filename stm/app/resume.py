@@ -7,7 +7,7 @@ The same experiment: the same `task_name` and the same command-line overrides, a
    experiment that holds a `last.ckpt`, instead of a new time-stamped one (`resume_dir`, a config resolver);
 2. `train()` continues from `<output dir>/checkpoints/last.ckpt` when there is one (`checkpoint_to_resume`);
    the checkpoint holds the model, optimizer, scheduler, the data position and the memory state of stream
-   lanes; the wandb run id is kept in the folder (`stm.sweeps.configure_wandb`);
+   lanes; the wandb run id is kept in the folder (`stm.app.sweeps.configure_wandb`);
 3. `metrics.csv` keeps its rows from before the checkpoint (`continue_csv_logs`).
 
 A job requeued by a cluster (submitit, SLURM `--requeue`) runs in the folder it had, so step 2 alone resumes it.
@@ -35,8 +35,8 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, Timer
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from stm.config import ConfigError
-from stm.sweeps import NonFiniteMetricError, is_rank_zero
+from stm.app.config import ConfigError
+from stm.app.sweeps import NonFiniteMetricError, is_rank_zero
 
 log = logging.getLogger("stm")
 
