@@ -15,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from stm.app import resolvers  # noqa: F401  (the OmegaConf resolvers conf/ uses, as train.py registers them)
 from stm.app.config import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]

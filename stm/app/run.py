@@ -20,6 +20,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from stm.app import resolvers  # noqa: F401  (registers the OmegaConf resolvers that conf/ uses)
 from stm.app.config import ConfigError, validate_train_config, validate_trainer_config
 from stm.app.resume import (
     TRUST_HINT,

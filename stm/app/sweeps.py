@@ -5,11 +5,11 @@ DDP. Lightning's DDP strategy starts ranks 1..N-1 by running the script again wi
 joblib or submitit worker there is no script to run again. `JobDDPStrategy` starts the other ranks of *this job*
 instead: `train()` / `evaluate()` announce themselves with `ddp_job(entry, cfg)`, and when the Trainer launches,
 the job's resolved config is written to `<output dir>/.stm_ddp_job.yaml` and each rank runs
-`python -c "from stm.app.sweeps import worker_main; worker_main()" <that file>`: the same config (the same output
-dir, checkpoint to resume, wandb id), appending to the job's one log file. When the job ends, its ranks are waited for
-(killed if the job failed), the process group is destroyed and the environment restored, so the next job of the
-sweep starts afresh on a new port. Where the cluster starts the processes itself (SLURM `srun`, torchrun),
-nothing is launched: every rank runs the job.
+`python -c "from stm.app.ddp_worker import worker_main; worker_main()" <that file>` (`stm.app.ddp_worker`): the
+same config (the same output dir, checkpoint to resume, wandb id), appending to the job's one log file. When the
+job ends, its ranks are waited for (killed if the job failed), the process group is destroyed and the environment
+restored, so the next job of the sweep starts afresh on a new port. Where the cluster starts the processes itself
+(SLURM `srun`, torchrun), nothing is launched: every rank runs the job.
 
 Sweepers. A run whose loss is not finite raises `NonFiniteMetricError`; Hydra records the exception in the
 job's return, and the Optuna sweeper records the trial as FAIL and goes on (with `max_failure_rate: 1.0`).
@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("stm")
 
 JOB_FILE = ".stm_ddp_job.yaml"
-_WORKER = "from stm.app.sweeps import worker_main; worker_main()"
+_WORKER = "from stm.app.ddp_worker import worker_main; worker_main()"
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
 _current: dict[str, Any] = {}
 
@@ -180,37 +180,6 @@ class JobLauncher(_SubprocessScriptLauncher):
             torch.set_num_threads(self._saved_threads)
         if any(codes) and not failed:
             raise RuntimeError(f"DDP: a rank of this job failed (exit codes of ranks 1..: {codes}); see its log")
-
-
-def worker_main(argv: list[str] | None = None) -> None:
-    """Rank > 0 of a job started by `JobLauncher`: run the job's entry on its resolved config."""
-    argv = sys.argv[1:] if argv is None else argv
-    job = OmegaConf.load(argv[0])
-    rank = int(os.environ.get("STM_RANK", os.environ.get("LOCAL_RANK", "1")))
-    _log_to(list(job.get("log_files") or []), rank)
-    from stm.app import run
-
-    try:
-        getattr(run, job.entry)(job.config)
-    except NonFiniteMetricError as err:  # rank 0 raises the same error; the job, not this rank, reports it
-        log.warning("rank %d: %s", rank, err)
-    log.info("rank %d of the job ended", rank)
-
-
-def _log_to(files: list[str], rank: int) -> None:
-    """This rank's log lines go to the job's log file(s) (appended, marked with the rank); only warnings to
-    the console."""
-    fmt = logging.Formatter(f"[%(asctime)s][%(name)s][%(levelname)s][rank {rank}] - %(message)s")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for name in files:
-        handler = logging.FileHandler(name, mode="a")
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
-    console.setLevel(logging.WARNING)
-    root.addHandler(console)
 
 
 class MultirunHydraConfig(Callback):
