@@ -25,7 +25,6 @@ LAYERS = {
     "stm.metrics": 2,
     "stm.tasks": 3,
     "stm.app": 4,
-    "stm.callbacks": 4,
     "stm.analysis": 4,
     "stm.warm_start": 4,
     "stm": 5,  # the package's own __init__ (the version) and nothing else
@@ -36,7 +35,6 @@ LAYERS = {
 KNOWN_CYCLES = []
 KNOWN_UPWARD = [
     "stm.models.hf -> stm.data.tokenizers",   # the adapter loads a GGUF model's tokenizer
-    "stm.tasks.conditional -> stm.callbacks",  # sample tables written from the task
 ]
 
 

@@ -278,7 +278,7 @@ ROWS = [
 
 
 def test_excerpt_and_table():
-    from stm.callbacks import excerpt, sample_table
+    from stm.tasks.sample_tables import excerpt, sample_table
 
     assert excerpt("abcdef", 3) == "abcdef"
     assert excerpt("abcdefg", 3) == "abc ... efg"
@@ -292,7 +292,7 @@ def test_excerpt_and_table():
 def test_samples_to_csv_logger(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    from stm.callbacks import log_generation_samples
+    from stm.tasks.sample_tables import log_generation_samples
 
     logger = CSVLogger(tmp_path, name="csv", version="")
     log_generation_samples([logger], ROWS, step=7, excerpt_chars=10)
@@ -317,7 +317,7 @@ def test_samples_to_tensorboard_logger(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboardX.proto.event_pb2 import Event
 
-    from stm.callbacks import log_generation_samples, markdown_table
+    from stm.tasks.sample_tables import log_generation_samples, markdown_table
 
     logger = TensorBoardLogger(tmp_path, name=None, version="", default_hp_metric=False)
     log_generation_samples([logger], ROWS, step=5, key="val/samples", excerpt_chars=10)
@@ -343,7 +343,7 @@ def test_samples_to_offline_wandb_logger(tmp_path, monkeypatch):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    from stm.callbacks import log_generation_samples
+    from stm.tasks.sample_tables import log_generation_samples
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -376,13 +376,13 @@ class _Broken:
 def test_unknown_and_broken_loggers_do_not_crash(tmp_path, caplog):
     from lightning.pytorch.loggers import CSVLogger
 
-    from stm import callbacks
+    from stm.tasks import sample_tables
 
-    callbacks._SKIPPED_KINDS.discard("_Unknown")
+    sample_tables._SKIPPED_KINDS.discard("_Unknown")
     csv = CSVLogger(tmp_path, name="csv", version="")
     with caplog.at_level(logging.INFO, logger="stm"):
         for step in (1, 2):
-            callbacks.log_generation_samples([_Unknown(), _Broken(), csv], ROWS, step=step)
+            sample_tables.log_generation_samples([_Unknown(), _Broken(), csv], ROWS, step=step)
     skipped = [r for r in caplog.records if "_Unknown" in r.getMessage()]
     assert len(skipped) == 1  # one message for the kind, not one per call
     assert sum("_Broken" in r.getMessage() for r in caplog.records) == 2

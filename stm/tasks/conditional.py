@@ -191,6 +191,6 @@ class ConditionalLMTask(LanguageModelTask):
                 self.log(f"val/{name}", value)
                 self.last_val[f"val/{name}"] = float(value)
         if self.samples and not self.trainer.sanity_checking:
-            from stm.callbacks import log_generation_samples
+            from stm.tasks.sample_tables import log_generation_samples
 
             log_generation_samples(self.loggers, self.samples, step=self.global_step)
