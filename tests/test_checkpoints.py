@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from stm.app.config import ConfigError
 from stm.app.resume import UntrustedCheckpointError
 from stm.app.run import build_components, evaluate, load_checkpoint_config, train
-from stm.warm_start import warm_start
+from stm.app.warm_start import warm_start
 
 # a small model on stream lanes with a carried xl memory, so that the checkpoint holds a lane memory state too
 TINY = ["task=lm", "debug=limit", "model.d_model=64", "model.n_layers=2", "task.segment_len=32", "task.n_segments=2",

@@ -26,7 +26,6 @@ LAYERS = {
     "stm.tasks": 3,
     "stm.app": 4,
     "stm.analysis": 4,
-    "stm.warm_start": 4,
     "stm": 5,  # the package's own __init__ (the version) and nothing else
 }
 

@@ -35,8 +35,8 @@ from stm.app.resume import (
 )
 from stm.app.sweeps import NonFiniteMetricError, configure_wandb, ddp_job, is_rank_zero
 from stm.app.untrained import describe_untrained, untrained_parameters
+from stm.app.warm_start import warm_start
 from stm.memory import build_memory
-from stm.warm_start import warm_start
 
 log = logging.getLogger("stm")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from stm.resume import read_checkpoint
+from stm.app.resume import read_checkpoint
 
 log = logging.getLogger(__name__)
 
