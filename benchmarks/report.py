@@ -36,6 +36,7 @@ SECTIONS = {  # README marker name -> (benchmark field, full-size file, small va
     "tasks": ("task_runs", "task_runs.json", "task_runs_quick.json"),
     "horizon": ("horizon", "horizon.json", "horizon_quick.json"),
     "capacity": ("horizon", "capacity.json", "capacity_quick.json"),
+    "babilong_zeroshot": ("babilong_zeroshot", "babilong_zeroshot.json", "babilong_zeroshot_quick.json"),
 }
 
 
@@ -300,9 +301,46 @@ def render_capacity(data: dict, small: bool) -> str:
             f"![capacity curves](benchmarks/results/capacity.png)\n\n```\n{data['table'].rstrip()}\n```")
 
 
+def render_babilong_zeroshot(data: dict, small: bool) -> str:
+    """Per mechanism a task x length table (accuracy % ± binomial standard error, n), the figure, what was read."""
+    cfg, lengths, tasks = data["config"], data["lengths"], data["tasks"]
+    cells = {(c["label"], c["length"], c["task"]): c for c in data["cells"]}
+    header = ["task"] + [short_len(int(n)) if int(n) else "0" for n in lengths]
+
+    def cell(c: dict | None) -> str:
+        if c is None or c.get("accuracy") is None:
+            return "–"
+        return f"{100 * c['accuracy']:.0f} ± {100 * c['stderr']:.0f} ({c['n']})"
+
+    counts = ", ".join(f"{short_len(int(n)) if int(n) else '0'}: {c}" for n, c in cfg["per_task"].items())
+    full = f"; full attention up to {short_len(cfg['full_max'])}" if cfg.get("full_max") else ""
+    out = [f"**BABILong zero-shot**: {data.get('model', 'the model')} as it is, QA1-QA5 (bAbI test stories hidden in "
+           f"the Austen novels), accuracy % (the answer in the output's first sentence) ± binomial standard error "
+           f"(n). Lengths in the model's tokens of the whole prompt (0: the story alone); segments of "
+           f"{cfg.get('segment_len')}; samples per task and length {counts}{full}.", "", provenance(data, small), "",
+           "![BABILong zero-shot](benchmarks/results/babilong_zeroshot.png)", ""]
+    for label in data["labels"]:
+        memory = (cfg.get("memory") or {}).get(label) or {}
+        knobs = ", ".join(f"{k} {v}" for options in memory.values() for k, v in options.items()
+                          if k not in ("_target_", "stop_gradient"))
+        rows = [[t.upper() if t.startswith("qa") else t] + [cell(cells.get((label, n, t))) for n in lengths]
+                for t in [*tasks, "mean"]]
+        out += [f"`{label}`" + (f" ({knobs})" if knobs else ""), "", table(header, rows), ""]
+    tokens = data.get("context_tokens") or {}
+    if tokens:
+        rows = [[label] + [f"{t['mean']:.0f} ({t['min']}-{t['max']})" if (t := tokens.get(label, {}).get(n)) else "–"
+                           for n in lengths] for label in data["labels"]]
+        out += ["Tokens the model read per example, mean (min-max):", "", table(["mechanism"] + header[1:], rows)]
+    runs = [r for r in data.get("eval_runs") or [] if r.get("wall_s") is not None]
+    if runs:
+        out += ["", "Wall time of each eval.py run (model loading included): "
+                + ", ".join(f"{r['mechanism']} {r['wall_s'] / 60:.1f} min" for r in runs) + "."]
+    return "\n".join(out)
+
+
 RENDER = {"train_speed": render_train_speed, "train_speed_bf16": render_train_speed, "stream": render_stream,
           "gpu": render_gpu, "tokenize": render_tokenize, "tasks": render_tasks, "horizon": render_horizon,
-          "capacity": render_capacity}
+          "capacity": render_capacity, "babilong_zeroshot": render_babilong_zeroshot}
 
 
 def write_readme(readme: Path, sections: dict[str, str]) -> list[str]:

@@ -113,7 +113,8 @@ def test_story_length_asks_the_same_questions_at_every_length():
     ({"tasks": "qa1"}, ValueError, "babilong_qa.tasks"),
     ({"split": "dev"}, ValueError, "babilong_qa.split"),
     ({"too_long": "truncate"}, ValueError, "babilong_qa.too_long"),
-    ({"target_length": 0}, ValueError, "babilong_qa.target_length"),
+    ({"target_length": -1}, ValueError, "babilong_qa.target_length"),
+    ({"story_length": 0}, ValueError, "babilong_qa.story_length must be a positive integer"),
     ({"story_length": 2048}, ValueError, "babilong_qa.story_length .2048. exceeds target_length"),
 ])
 def test_bad_parameters_name_their_key(params, error, message):
@@ -141,7 +142,7 @@ def test_val_lengths_forms_and_errors():
     assert val_set_overrides({"far": {"target_length": 9000, "depth": 0.0}}, src) == {
         "far": {"target_length": 9000, "depth": 0.0}}
     assert val_set_overrides([64], RecallSource(n_samples=2)) == {"64": {"length": 64}}
-    for bad in ([512, 512], [0], ["long"], {"far": 9000}):
+    for bad in ([512, 512], [-1], ["long"], {"far": 9000}):
         with pytest.raises(ValueError, match="data.val_lengths"):
             val_set_overrides(bad, src)
     with pytest.raises(ValueError, match="data.val_lengths .* needs a probe source"):

