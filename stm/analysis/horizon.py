@@ -197,22 +197,25 @@ def memory_reach(memory: dict | None, segment_len: int | None) -> float | None:
     return options[tokens] / segment_len
 
 
+def figure_and_axes(ax=None):
+    """(figure, axes): a new 6.4 x 4 in figure on the Agg backend when `ax` is None, else `ax` and its figure."""
+    if ax is not None:
+        return ax.figure, ax
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 4.0), dpi=120)
+
+
 def plot(runs: Sequence[dict], path: str | Path | None = None, ax=None, title: str | None = None):
     """Accuracy against distance in segments, one line per mechanism (seeds pooled), the chance level dashed.
 
     Each bucket is drawn at its mean distance (lo..hi; the open last bucket at lo). Returns the figure;
     writes it to `path` (PNG, SVG, ... by suffix) when given. Uses the Agg backend when it makes the figure.
     """
-    import matplotlib
-
-    if ax is None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    else:
-        fig = ax.figure
+    fig, ax = figure_and_axes(ax)
     data = curves(runs)
     for label, curve in data.items():
         points = [((lo + hi) / 2 if hi is not None else lo, acc)
@@ -343,16 +346,7 @@ def capacity_table(result: dict) -> str:
 def plot_capacity(result: dict, path: str | Path | None = None, ax=None, title: str | None = None):
     """Accuracy against K (log2 axis), one line per mechanism, the chance level dashed; `result` is
     `capacity(...)`. Returns the figure; writes it to `path` when given."""
-    import matplotlib
-
-    if ax is None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    else:
-        fig = ax.figure
+    fig, ax = figure_and_axes(ax)
     for label, curve in result["curves"].items():
         points = [(k, acc) for k, acc in zip(curve["n_pairs"], curve["accuracy"]) if acc is not None]
         if points:
