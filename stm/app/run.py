@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stm.app import resolvers  # noqa: F401  (registers the OmegaConf resolvers that conf/ uses)
+from stm.app.checkpoint_io import AtomicCheckpointIO
 from stm.app.config import ConfigError, validate_train_config, validate_trainer_config
 from stm.app.resume import (
     TRUST_HINT,
@@ -104,7 +105,8 @@ STM_TRAINER_KEYS = ("compile", "checkpoint_signals")  # stm's switches in the tr
 
 def build_trainer(cfg: DictConfig, callbacks: list | tuple = ()) -> tuple[L.Trainer, list]:
     """The Lightning Trainer of `cfg.trainer` (without stm's own keys), its loggers and callbacks plus `callbacks`.
-    On SLURM, Lightning's own requeue-on-signal is off: `RunGuard` writes the checkpoint and requeues."""
+    On SLURM, Lightning's own requeue-on-signal is off: `RunGuard` writes the checkpoint and requeues.
+    Checkpoints are written whole or not at all (`AtomicCheckpointIO`, unless the config chose a CheckpointIO)."""
     loggers = _instantiate_dict(cfg.get("logger"))
     all_callbacks = _instantiate_dict(cfg.get("callbacks")) + list(callbacks)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -116,6 +118,8 @@ def build_trainer(cfg: DictConfig, callbacks: list | tuple = ()) -> tuple[L.Trai
     if SLURMEnvironment.detect() and not trainer_cfg.get("plugins"):
         extra["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     trainer = instantiate(trainer_cfg, logger=loggers or False, callbacks=all_callbacks, **extra)
+    if getattr(trainer.strategy, "_checkpoint_io", None) is None:  # none chosen: Lightning would make its default
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     return trainer, loggers
 
 
