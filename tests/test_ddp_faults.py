@@ -102,6 +102,7 @@ def test_a_rank_killed_mid_step_ends_the_job_naming_it_and_resume_auto_continues
     assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 60
 
 
+@pytest.mark.slow  # starts real processes: 5-20 s
 def test_the_launcher_ends_a_job_that_waits_for_a_dead_rank(tmp_path):
     """Where the transport does not notice a dead rank (rank 0 stays in a collective), the launcher's observer
     ends the job `dead_rank_timeout_s` after the death, with exit code 1 and a message naming the rank and signal.
@@ -128,6 +129,7 @@ def test_the_launcher_ends_a_job_that_waits_for_a_dead_rank(tmp_path):
             f"trainer.strategy.dead_rank_timeout_s=2 s after it") in err
 
 
+@pytest.mark.slow  # starts real processes: 5-20 s
 def test_a_rank_whose_rank_0_died_stops(tmp_path):
     """A rank started by rank 0 (`stm.app.ddp_worker`) ends by itself once rank 0 is gone, saying so."""
     rank1_log = tmp_path / "rank1.txt"
