@@ -52,6 +52,16 @@ class SendSignal(L.pytorch.Callback):
             os.kill(os.getpid(), getattr(signal, self.signum))
 
 
+class RecordHandlers(L.pytorch.Callback):
+    """Keeps the handlers of SIGUSR1 and SIGUSR2 while the run trains (in the class: the callback is built from
+    the config)."""
+
+    during: dict = {}
+
+    def on_train_start(self, trainer, module):
+        RecordHandlers.during = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGUSR1", "SIGUSR2")}
+
+
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
@@ -138,32 +148,58 @@ def test_resume_auto_picks_the_sweep_of_the_same_command(tmp_path):
     assert resume_dir("sweep", str(parent), "new", _root_=root) == str(parent / "2026-01-01_10-00-00")
 
 
-def test_resume_and_trainer_keys_are_checked(tmp_path):
+def test_resume_and_run_switches_are_checked(tmp_path):
     cfg = compose_config("train", ["resume=yes"], tmp_path)
     with pytest.raises(ConfigError, match="resume must be null or 'auto', got 'yes'"):
         validate_train_config(cfg)
-    cfg = compose_config("train", ["trainer.checkpoint_signals=[SIGNOPE]"], tmp_path)
-    with pytest.raises(ConfigError, match="trainer.checkpoint_signals: 'SIGNOPE' is not a signal name"):
+    cfg = compose_config("train", ["run.checkpoint_signals=[SIGNOPE]"], tmp_path)
+    with pytest.raises(ConfigError, match="run.checkpoint_signals: 'SIGNOPE' is not a signal name"):
         validate_train_config(cfg)
-    cfg = compose_config("train", ["trainer.compile=fast"], tmp_path)
-    with pytest.raises(ConfigError, match="trainer.compile must be true, false or a mapping"):
+    cfg = compose_config("train", ["run.compile=fast"], tmp_path)
+    with pytest.raises(ConfigError, match="run.compile must be true, false or a mapping"):
+        validate_train_config(cfg)
+
+
+def test_the_moved_trainer_switches_are_refused_naming_their_new_keys(tmp_path, monkeypatch):
+    """trainer.compile / trainer.checkpoint_signals, now run.*: on the command line (refused before Hydra
+    composes) and from a composed config (a config file of one's own), a ConfigError naming the new key."""
+    from stm.app.cli import train_main
+    from stm.app.config import check_retired_overrides
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "memory=xl", "trainer.compile=true"])
+    with pytest.raises(ConfigError, match=r"^trainer.compile=true: trainer.compile moved to run.compile \(stm's own "
+                                          r"switches have their own section, run; trainer holds only the Lightning "
+                                          r"Trainer's arguments\): write run.compile=<value>$"):
+        train_main()
+    with pytest.raises(ConfigError, match=r"^~trainer.checkpoint_signals: trainer.checkpoint_signals moved to "
+                                          r"run.checkpoint_signals .*: write run.checkpoint_signals=<value>$"):
+        check_retired_overrides(["-m", "++trainer.max_steps=3", "~trainer.checkpoint_signals"])
+    check_retired_overrides(["-m", "run.compile=true", "trainer.max_steps=3"])  # the new keys pass
+    cfg = compose_config("train", ["+trainer.checkpoint_signals=[SIGUSR1]"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^trainer.checkpoint_signals moved to run.checkpoint_signals .*: "
+                                          r"write run.checkpoint_signals=<value>$"):
         validate_train_config(cfg)
 
 
 def test_signal_writes_last_checkpoint_and_resume_auto_continues_exactly(tmp_path):
-    """SIGUSR1 at step 7 (between two periodic checkpoints): last.ckpt at step 7, the run stops cleanly; the
-    same command with resume=auto ends with the weights and the loss curve of an uninterrupted run."""
+    """run.checkpoint_signals=[SIGUSR2], SIGUSR2 at step 7 (between two periodic checkpoints): last.ckpt at step
+    7, the run stops cleanly, SIGUSR1 was left alone; the same command with resume=auto ends with the weights and
+    the loss curve of an uninterrupted run."""
     steps = ["trainer.max_steps=20"]
     full = compose_config("train", SMALL + steps, tmp_path / "full")
     train(full)
-    signalled_overrides = SMALL + steps + ["+callbacks.send_signal._target_=test_resume.SendSignal",
-                                           "+callbacks.send_signal.at_step=7"]
+    signalled_overrides = SMALL + steps + ["run.checkpoint_signals=[SIGUSR2]",
+                                           "+callbacks.send_signal._target_=test_resume.SendSignal",
+                                           "+callbacks.send_signal.at_step=7", "+callbacks.send_signal.signum=SIGUSR2",
+                                           "+callbacks.handlers._target_=test_resume.RecordHandlers"]
     first = compose_config("train", signalled_overrides, tmp_path / "run")
-    handler_before = signal.getsignal(signal.SIGUSR1)
+    before = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGUSR1", "SIGUSR2")}
     train(first)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 7
-    assert signal.getsignal(signal.SIGUSR1) == handler_before  # the handler is given back after the run
+    assert type(getattr(RecordHandlers.during["SIGUSR2"], "__self__", None)).__name__ == "RunGuard"
+    assert RecordHandlers.during["SIGUSR1"] == before["SIGUSR1"]  # not in run.checkpoint_signals: not handled
+    assert {name: signal.getsignal(getattr(signal, name)) for name in before} == before  # given back after the run
     train(compose_config("train", signalled_overrides + ["resume=auto"], tmp_path / "run"))
     assert_same_weights(weights(last), weights(tmp_path / "full" / "checkpoints" / "last.ckpt"))
     resumed_csv = read_csv_metrics(tmp_path / "run" / "csv" / "metrics.csv")

@@ -285,7 +285,7 @@ def test_compile_switch_compiles_the_backbone(tmp_path):
     torch._dynamo.reset()
     counters.clear()
     cfg = compose_config("train", ["debug=fast_dev_run", "model.d_model=32", "model.n_layers=1", "task.segment_len=32",
-                                   "data.batch_size=2", "data.val_batch_size=2", "trainer.compile={backend:eager}"],
+                                   "data.batch_size=2", "data.val_batch_size=2", "run.compile={backend:eager}"],
                          tmp_path)
     assert train(cfg) is not None
     assert counters["stats"]["calls_captured"] > 0, dict(counters["stats"])  # dynamo traced the backbone

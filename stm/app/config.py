@@ -66,21 +66,52 @@ def validate_train_config(cfg: DictConfig) -> None:
     resume = cfg.get("resume")
     if resume not in (None, False, "auto"):
         raise ConfigError(f"resume must be null or 'auto', got {resume!r}")
-    validate_trainer_config(cfg)
+    validate_run_config(cfg)
 
 
-def validate_trainer_config(cfg: DictConfig) -> None:
-    """stm's own keys in the `trainer` section (taken out before the Lightning Trainer is built)."""
+# Keys that moved or went away, with what to write instead. A config or command line that still sets one gets a
+# ConfigError saying so (on the command line before Hydra composes, which would only say the key is unknown).
+RETIRED_KEYS = {
+    "trainer.compile": "moved to run.compile (stm's own switches have their own section, run; trainer holds "
+                       "only the Lightning Trainer's arguments): write run.compile=<value>",
+    "trainer.checkpoint_signals": "moved to run.checkpoint_signals (stm's own switches have their own section, "
+                                  "run; trainer holds only the Lightning Trainer's arguments): write "
+                                  "run.checkpoint_signals=<value>",
+}
+
+
+def check_retired_overrides(overrides: list[str]) -> None:
+    """Command-line overrides (`key=value`, `+key=value`, `~key`) of a key in `RETIRED_KEYS`: a ConfigError."""
+    for override in overrides:
+        if override.startswith("-"):  # Hydra's own flags (--multirun, -m, --cfg job)
+            continue
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in RETIRED_KEYS:
+            raise ConfigError(f"{override}: {key} {RETIRED_KEYS[key]}")
+
+
+def check_retired_keys(cfg: DictConfig) -> None:
+    """A composed config (e.g. from a config file of your own) that sets a key in `RETIRED_KEYS`: a ConfigError."""
+    for key, instead in RETIRED_KEYS.items():
+        section, name = key.rsplit(".", 1)
+        node = OmegaConf.select(cfg, section, default=None)
+        if isinstance(node, DictConfig) and name in node:
+            raise ConfigError(f"{key} {instead}")
+
+
+def validate_run_config(cfg: DictConfig) -> None:
+    """stm's own switches, the `run` section (`run.compile`, `run.checkpoint_signals`), and no retired key."""
     import signal
 
-    trainer = cfg.get("trainer") or {}
-    compile_opts = trainer.get("compile", False)
+    check_retired_keys(cfg)
+    run = cfg.get("run") or {}
+    compile_opts = run.get("compile", False)
     if not isinstance(compile_opts, (bool, DictConfig, dict)) and compile_opts is not None:
-        raise ConfigError(f"trainer.compile must be true, false or a mapping of torch.compile options "
+        raise ConfigError(f"run.compile must be true, false or a mapping of torch.compile options "
                           f"(e.g. {{mode: max-autotune}}), got {compile_opts!r}")
-    names = trainer.get("checkpoint_signals") or []
+    names = run.get("checkpoint_signals") or []
     if isinstance(names, str):
-        raise ConfigError(f"trainer.checkpoint_signals must be a list of signal names, got {names!r}")
+        raise ConfigError(f"run.checkpoint_signals must be a list of signal names, got {names!r}")
     for name in names:
         if not isinstance(name, str) or not isinstance(getattr(signal, name, None), signal.Signals):
-            raise ConfigError(f"trainer.checkpoint_signals: {name!r} is not a signal name such as SIGUSR1")
+            raise ConfigError(f"run.checkpoint_signals: {name!r} is not a signal name such as SIGUSR1")

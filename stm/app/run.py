@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stm.app import resolvers  # noqa: F401  (registers the OmegaConf resolvers that conf/ uses)
 from stm.app.checkpoint_io import AtomicCheckpointIO
-from stm.app.config import ConfigError, validate_train_config, validate_trainer_config
+from stm.app.config import ConfigError, check_retired_overrides, validate_run_config, validate_train_config
 from stm.app.resume import (
     TRUST_HINT,
     RunGuard,
@@ -100,18 +101,13 @@ def _instantiate_dict(section: DictConfig | None) -> list:
     return [instantiate(c) for c in section.values() if c is not None and "_target_" in c]
 
 
-STM_TRAINER_KEYS = ("compile", "checkpoint_signals")  # stm's switches in the trainer section, not Trainer arguments
-
-
 def build_trainer(cfg: DictConfig, callbacks: list | tuple = ()) -> tuple[L.Trainer, list]:
-    """The Lightning Trainer of `cfg.trainer` (without stm's own keys), its loggers and callbacks plus `callbacks`.
+    """The Lightning Trainer of `cfg.trainer`, its loggers and callbacks plus `callbacks`.
     On SLURM, Lightning's own requeue-on-signal is off: `RunGuard` writes the checkpoint and requeues.
     Checkpoints are written whole or not at all (`AtomicCheckpointIO`, unless the config chose a CheckpointIO)."""
     loggers = _instantiate_dict(cfg.get("logger"))
     all_callbacks = _instantiate_dict(cfg.get("callbacks")) + list(callbacks)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in STM_TRAINER_KEYS:
-        trainer_cfg.pop(key, None)
     extra = {}
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -124,7 +120,7 @@ def build_trainer(cfg: DictConfig, callbacks: list | tuple = ()) -> tuple[L.Trai
 
 
 def compile_backbone(model: torch.nn.Module, options) -> None:
-    """`trainer.compile`: false, true, or a mapping of `torch.compile` options. Compiles the backbone in place
+    """`run.compile`: false, true, or a mapping of `torch.compile` options. Compiles the backbone in place
     (`nn.Module.compile`), so parameter names and checkpoints stay the same; the segment loop stays eager."""
     if not options:
         return
@@ -177,8 +173,8 @@ def train(cfg: DictConfig) -> float | None:
             OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
         parts = build_components(cfg)
         task, datamodule, model = parts["task"], parts["datamodule"], parts["model"]
-        compile_backbone(model, cfg.trainer.get("compile"))
-        guard = RunGuard(checkpoint_dir(cfg), signals=list(cfg.trainer.get("checkpoint_signals") or []))
+        compile_backbone(model, OmegaConf.select(cfg, "run.compile", default=False))
+        guard = RunGuard(checkpoint_dir(cfg), signals=list(OmegaConf.select(cfg, "run.checkpoint_signals") or []))
         trainer, loggers = build_trainer(cfg, callbacks=[guard])
         try:
             if ckpt_path:
@@ -398,7 +394,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model as it is (pretrained weights), refused when it has freshly initialised parameters (`check_trained`)
     unless `allow_untrained=true`. Under `trainer=ddp_cpu` / `ddp` the validation data is split across the ranks
     and the sums are added up."""
-    validate_trainer_config(cfg)
+    validate_run_config(cfg)
     with ddp_job("evaluate", cfg):
         trust = trusts_checkpoints(cfg)
         ckpt_path = cfg.get("ckpt_path") or None
@@ -413,7 +409,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         seed_everything(cfg.get("seed"))
         parts = build_components(run_cfg)
         untrained = check_trained(parts["task"], cfg) if not ckpt_path else []
-        compile_backbone(parts["model"], cfg.trainer.get("compile"))
+        compile_backbone(parts["model"], OmegaConf.select(cfg, "run.compile", default=False))
         trainer, loggers = build_trainer(cfg)
         try:
             results = trainer.validate(parts["task"], datamodule=parts["datamodule"], ckpt_path=ckpt_path,
@@ -446,10 +442,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def hydra_main(config_name: str):
-    """A Hydra entry point over stm's conf/ folder, for `python train.py` and the console scripts."""
+    """A Hydra entry point over stm's conf/ folder, for `python train.py` and the console scripts. A command line
+    that sets a retired key (`trainer.compile=true`) is refused before Hydra composes, naming the new key."""
     from stm.app.config import config_dir
 
     def decorate(fn):
-        return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(fn)
+        main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(fn)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            check_retired_overrides(sys.argv[1:])
+            return main(*args, **kwargs)
+
+        return checked
 
     return decorate
