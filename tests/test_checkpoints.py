@@ -19,7 +19,7 @@ from stm.app.run import build_components, evaluate, load_checkpoint_config, trai
 from stm.app.warm_start import warm_start
 
 # a small model on stream lanes with a carried xl memory, so that the checkpoint holds a lane memory state too
-TINY = ["task=lm", "debug=limit", "model.d_model=64", "model.n_layers=2", "task.segment_len=32", "task.n_segments=2",
+TINY = ["task=lm", "debug=limit", "model.d_model=64", "model.n_layers=2", "task.segment_len=32",
         "data.mode=lanes", "memory=xl", "memory.xl.mem_len=32", "data.batch_size=4", "data.val_batch_size=4",
         "callbacks.progress_bar=null", "callbacks.model_summary=null", "callbacks.lr_monitor=null"]
 

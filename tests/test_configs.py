@@ -72,9 +72,37 @@ def test_eval_config_composes(tmp_path):
     assert cfg.ckpt_path == "x.ckpt" and cfg.trainer.accelerator == "cpu"
 
 
-def test_chunk_length_follows_the_segments(train_config):
-    cfg = train_config(["task.segment_len=64", "task.n_segments=3"])
-    assert cfg.data.chunk_len == 192
+def test_chunk_length_is_two_segments_unless_set(train_config):
+    assert train_config(["task.segment_len=64"]).data.chunk_len == 128
+    assert train_config(["experiment=lm_austen_small"]).data.chunk_len == 1024  # its 4 segments of 256
+
+
+def test_the_removed_n_segments_is_refused_and_left_out_of_an_old_checkpoint(train_config, tmp_path, caplog):
+    """task.n_segments (never read by the task; it only set data.chunk_len) is refused where it is written, on the
+    command line or in a config; a checkpoint of an older stm that stores it is evaluated without it, warning."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from stm.app.config import check_retired_overrides
+    from stm.app.run import load_checkpoint_config
+
+    message = (r"task.n_segments was removed \(the task never read it; it only set the chunk length\): set the "
+               r"tokens per sample with data.chunk_len, e.g. data.chunk_len=512 for 4 segments of 128 \(the "
+               r"default: 2 segments, \$\{mul:\$\{task.segment_len\},2\}\)$")
+    with pytest.raises(ConfigError, match=r"^task.n_segments=4: " + message):
+        check_retired_overrides(["task=lm", "task.n_segments=4"])
+    with pytest.raises(ConfigError, match=r"^" + message):
+        train(train_config(["+task.n_segments=4"]))
+    stored = OmegaConf.to_container(train_config(["task.segment_len=32"]), resolve=True)
+    stored["task"]["n_segments"] = 2
+    torch.save({"stm": {"config": stored}}, tmp_path / "old.ckpt")
+    with caplog.at_level(logging.WARNING, logger="stm"):
+        config, _ = load_checkpoint_config(tmp_path / "old.ckpt")
+    assert "n_segments" not in config.task and stored["task"].keys() - config.task.keys() == {"n_segments"}
+    assert f"ckpt_path: {tmp_path / 'old.ckpt'} stores task.n_segments, which stm no longer takes; left out" \
+        in caplog.text
+    assert build_components(config)["task"].segment_len == 32
 
 
 def test_seed_zero_seeds(train_config):

@@ -165,7 +165,7 @@ def austen_slice(tmp_path) -> Path:
 def lora_run_overrides(llama_path: str, text: Path, *extra: str) -> list[str]:
     return ["task=lm", "model=hf", f"model.name_or_path={llama_path}", "data=text_files", f"data.files=[{text}]",
             "data.val_fraction=0.1", "data.batch_size=8", "data.cache_dir=false", "task.segment_len=32",
-            "task.n_segments=2", "task.optimizer.lr=1e-2", "task.scheduler.warmup_steps=2", "trainer.max_steps=30",
+            "task.optimizer.lr=1e-2", "task.scheduler.warmup_steps=2", "trainer.max_steps=30",
             "trainer.val_check_interval=30", "logger=none", "callbacks=none", *extra]
 
 

@@ -24,7 +24,7 @@ from stm.app.run import build_components, build_trainer, seed_everything, train
 
 # a small model on stream lanes with a carried xl memory: data position and lane memory must both come back
 SMALL = ["task=lm",
-         "model.d_model=64", "model.n_layers=2", "task.segment_len=32", "task.n_segments=2", "data.mode=lanes",
+         "model.d_model=64", "model.n_layers=2", "task.segment_len=32", "data.mode=lanes",
          "memory=xl", "memory.xl.mem_len=32", "data.batch_size=4", "data.val_batch_size=4",
          "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
          "task.scheduler.warmup_steps=5", "+callbacks.model_checkpoint.every_n_train_steps=5",

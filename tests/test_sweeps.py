@@ -23,7 +23,7 @@ from stm.app.sweeps import JobDDPStrategy, JobLauncher, NonFiniteMetricError
 # segments of 48 bytes, 2 per chunk: the Austen validation text is 654 chunks, an even number, so two ranks
 # read 327 each and no chunk is read twice (a padded shard would count one twice)
 SWEEP = ["task=lm",
-         "model.d_model=64", "model.n_layers=2", "task.segment_len=48", "task.n_segments=2", "data.batch_size=4",
+         "model.d_model=64", "model.n_layers=2", "task.segment_len=48", "data.batch_size=4",
          "data.val_batch_size=32", "trainer.max_steps=12", "trainer.val_check_interval=6",
          "trainer.log_every_n_steps=1", "task.scheduler.warmup_steps=3", "callbacks.progress_bar=null",
          "callbacks.model_summary=null"]

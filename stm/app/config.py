@@ -55,8 +55,6 @@ def validate_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f"the config has no '{key}' section; pick one with {key}=<option>")
     if "segment_len" in cfg.task:
         _positive_int(cfg, "task.segment_len", allow_none=True)
-    if "n_segments" in cfg.task:
-        _positive_int(cfg, "task.n_segments")
     if "bptt_depth" in cfg.task:
         _positive_int(cfg, "task.bptt_depth", allow_none=True)
     _positive_int(cfg, "data.batch_size")
@@ -77,6 +75,9 @@ RETIRED_KEYS = {
     "trainer.checkpoint_signals": "moved to run.checkpoint_signals (stm's own switches have their own section, "
                                   "run; trainer holds only the Lightning Trainer's arguments): write "
                                   "run.checkpoint_signals=<value>",
+    "task.n_segments": "was removed (the task never read it; it only set the chunk length): set the tokens per "
+                       "sample with data.chunk_len, e.g. data.chunk_len=512 for 4 segments of 128 (the default: "
+                       "2 segments, ${mul:${task.segment_len},2})",
 }
 
 

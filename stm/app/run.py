@@ -23,7 +23,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stm.app import resolvers  # noqa: F401  (registers the OmegaConf resolvers that conf/ uses)
 from stm.app.checkpoint_io import AtomicCheckpointIO
-from stm.app.config import ConfigError, check_retired_overrides, validate_run_config, validate_train_config
+from stm.app.config import (
+    RETIRED_KEYS,
+    ConfigError,
+    check_retired_overrides,
+    validate_run_config,
+    validate_train_config,
+)
 from stm.app.resume import (
     TRUST_HINT,
     RunGuard,
@@ -314,6 +320,20 @@ def check_stored_config(config: Mapping, path: Path, trust: bool = False) -> Non
                     f"with the model or data. {TRUST_HINT}.")
 
 
+def without_retired_keys(config: Mapping, path: Path) -> dict:
+    """The stored config without the keys of `RETIRED_KEYS` that an older stm wrote into the sections eval.py
+    builds (task.n_segments), each dropped with a warning: a checkpoint cannot be edited, and what such a key
+    set (the chunk length) is stored resolved in its data section."""
+    config = {key: dict(value) if isinstance(value, Mapping) else value for key, value in config.items()}
+    for key in RETIRED_KEYS:
+        section, name = key.rsplit(".", 1)
+        if section in STORED_SECTIONS and name in config[section]:
+            del config[section][name]
+            log.warning("ckpt_path: %s stores %s, which stm no longer takes; left out (%s %s)", path, key, key,
+                        RETIRED_KEYS[key])
+    return config
+
+
 def load_checkpoint_config(ckpt_path: str | Path, trust: bool = False) -> tuple[DictConfig, dict]:
     """The run config and validation metrics that stm stored in a checkpoint, read as plain data
     (`stm.app.resume.read_checkpoint`) and checked (`check_stored_config`)."""
@@ -330,6 +350,7 @@ def load_checkpoint_config(ckpt_path: str | Path, trust: bool = False) -> tuple[
         raise ValueError(f"ckpt_path: the stm config stored in {path} (checkpoint key stm.config) is a "
                          f"{type(config).__name__}, not a mapping of config sections")
     check_stored_config(config, path, trust)
+    config = without_retired_keys(config, path)
     recorded = stm_info.get("val_metrics") or {}
     return OmegaConf.create(dict(config)), dict(recorded) if isinstance(recorded, Mapping) else {}
 

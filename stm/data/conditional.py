@@ -189,7 +189,7 @@ class ConditionalDataModule(L.LightningDataModule):
             raise ValueError(f"data.chat_template=true needs a tokenizer with a chat template; {tokenizer!r} has none")
         self.tokenizer, self.sources = tokenizer, {"train": train_source, "val": val_source}
         self.segment_len, self.max_segments = segment_len, max_segments
-        self.truncation, self.context_loss, self.separator = truncation, context_loss, separator
+        self.truncation, self.context_loss = truncation, context_loss
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.seed, self.on_bad_record = num_workers, seed, on_bad_record
         self.expansion = {"how": examples, "separator": separator, "respond_as": respond_as,

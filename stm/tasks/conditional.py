@@ -60,11 +60,11 @@ class ConditionalLMTask(LanguageModelTask):
     default_generation: dict = {"max_new_tokens": 64}
 
     def __init__(self, model: nn.Module, memory: Memory, optimizer: Callable, scheduler: Callable | None = None,
-                 segment_len: int | None = 128, n_segments: int = 1, bptt_depth: int | None = None,
+                 segment_len: int | None = 128, bptt_depth: int | None = None,
                  checkpoint_segments: bool = False, weight_decay: float = 0.1, metrics: list[str] | None = None,
                  generation: dict | None = None, n_generate: int | None = 16, n_samples: int = 8,
                  context_loss_weight: float = 0.0):
-        super().__init__(model, memory, optimizer, scheduler, segment_len, n_segments, bptt_depth,
+        super().__init__(model, memory, optimizer, scheduler, segment_len, bptt_depth,
                          checkpoint_segments, weight_decay)
         from stm.metrics.text import build_text_metrics
 

@@ -57,7 +57,6 @@ class LanguageModelTask(L.LightningModule):
         optimizer: Callable,
         scheduler: Callable | None = None,
         segment_len: int | None = 128,
-        n_segments: int = 1,
         bptt_depth: int | None = None,
         checkpoint_segments: bool = False,
         weight_decay: float = 0.1,
@@ -70,7 +69,6 @@ class LanguageModelTask(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.segment_len = segment_len
-        self.n_segments = n_segments
         self.bptt_depth = bptt_depth
         self.checkpoint_segments = checkpoint_segments
         self.weight_decay = weight_decay
