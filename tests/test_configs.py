@@ -36,10 +36,9 @@ PRETRAINED_EXPERIMENTS = {"babilong"}  # SmolLM2-135M-Instruct: python3 bootstra
     (g, o) for g in ("model", "memory", "task", "data", "trainer", "logger", "callbacks", "experiment", "debug")
     # these need a value, a package, a GPU or the shared data (model=hf: a path; smollm2: the pretrained extra,
     # tests/test_hf.py; gpu / ddp trainers and *_gpu experiments: a GPU, tests/test_tasks.py checks they compose;
-    # data=conditional and task=conditional: ../shared/data, tests/test_conditional.py)
+    # data=conditional: ../shared/data, tests/test_conditional.py)
     for o in options(g) if (g, o) not in {("data", "text_files"), ("trainer", "gpu"), ("trainer", "ddp"),
-                                          ("model", "hf"), ("model", "smollm2_135m"), ("data", "conditional"),
-                                          ("task", "conditional")}
+                                          ("model", "hf"), ("model", "smollm2_135m"), ("data", "conditional")}
     and not (g == "experiment" and o.endswith("_gpu"))
 ])
 def test_each_option_composes_and_instantiates(train_config, group, option):
@@ -50,13 +49,53 @@ def test_each_option_composes_and_instantiates(train_config, group, option):
     overrides = [f"{group}={option}"]
     if group == "data" and option in DATA_TASKS:  # example data: with its task (the others: task=lm)
         overrides.append(f"task={DATA_TASKS[option]}")
+    if (group, option) == ("task", "conditional"):  # the core of the context -> target tasks: no data, no metric
+        overrides += ["data=qa_sample", "task.metrics=[rouge]"]
     cfg = train_config(overrides)
     parts = build_components(cfg)
     assert isinstance(parts["task"].model, torch.nn.Module)
+    if group == "task":
+        assert_task_yaml_is_the_one_source(cfg.task, parts["task"])
     if group in ("trainer", "logger", "callbacks", "debug", "experiment"):
         trainer, loggers = build_trainer(cfg)
         assert trainer.max_steps == cfg.trainer.max_steps
         assert len(loggers) == sum(1 for v in (cfg.get("logger") or {}).values() if v)
+
+
+# where a task keeps the value of a task.<key> of its YAML (the others: in an attribute of the same name)
+TASK_VALUES = {"metrics": lambda t: t.metric_names, "scores": lambda t: t.distance_accuracy.scores,
+               "edges": lambda t: t.distance_accuracy.edges, "near": lambda t: list(t.distance_accuracy.near),
+               "far": lambda t: list(t.distance_accuracy.far), "optimizer": lambda t: t.optimizer_factory,
+               "scheduler": lambda t: t.scheduler_factory}
+
+
+def assert_task_yaml_is_the_one_source(task_cfg, task) -> None:
+    """conf/task/<option>.yaml is the one place of a task's values: every key it sets is a constructor parameter
+    without a default or with an "off" default (None, a switch, 0, empty), never a second value; and the built
+    task holds exactly the YAML's values."""
+    import inspect
+
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    parameters = {}
+    for cls in reversed(type(task).__mro__):
+        if "__init__" in vars(cls) and issubclass(cls, torch.nn.Module):
+            parameters.update(inspect.signature(cls.__init__).parameters)
+    values = OmegaConf.to_container(task_cfg, resolve=True)
+    for key, value in values.items():
+        if key == "_target_":
+            continue
+        assert key in parameters, f"task.{key} is no parameter of {type(task).__name__}"
+        default = parameters[key].default
+        off = default is inspect.Parameter.empty or default is None or isinstance(default, bool) or \
+            (type(default) in (int, float) and default == 0) or default == ()
+        assert off, f"{type(task).__name__}({key}={default!r}) restates task.{key}: {value!r} of its YAML"
+        held = TASK_VALUES[key](task) if key in TASK_VALUES else getattr(task, key)
+        if isinstance(value, dict) and value.get("_partial_"):  # optimizer, scheduler: the partial built from it
+            held = {"_target_": value["_target_"] if get_object(value["_target_"]) is held.func else held.func,
+                    "_partial_": True, **held.keywords}
+        assert held == value, f"task.{key}: the YAML sets {value!r}, {type(task).__name__} holds {held!r}"
 
 
 def test_gpu_trainer_composes(train_config):

@@ -8,14 +8,14 @@ metrics (`stm.metrics.text`, summed across DDP ranks) and shown as a table of sa
 examples are generated `generation.batch_size` at a time (rows of different lengths, each with its own memory
 state), which gives the outputs of generating them one at a time.
 
-The tasks themselves (`summarization`, `translation`, `dialogue`, `qa`) are this module with their metrics
-and generation defaults; see `stm/tasks/__init__.py`.
+The tasks themselves (`summarization`, `translation`, `dialogue`, `qa`) are this module under their own names;
+their metrics and generation are set in conf/task/<task>.yaml (on top of conf/task/conditional.yaml).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -27,9 +27,8 @@ from stm.tasks.lm import LanguageModelTask
 
 log = logging.getLogger("stm")
 
-GENERATION_KEYS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p", "length_penalty", "use_cache",
-                   "stop_strings", "batch_size")
-GENERATION_BATCH_SIZE = 16  # the default of task.generation.batch_size
+DECODING_KEYS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p", "length_penalty", "use_cache")
+GENERATION_KEYS = (*DECODING_KEYS, "stop_strings", "batch_size")  # task.generation
 
 
 def cut_at_stop(text: str, stop_strings: list[str]) -> str:
@@ -43,43 +42,45 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
 
 
 class ConditionalLMTask(LanguageModelTask):
-    """Context -> target under a memory mechanism; see the module docstring.
+    """Context -> target under a memory mechanism; see the module docstring. The values a run uses are set in
+    conf/task/*.yaml; the defaults here are only the "off" values that let the class be built from Python.
 
-    metrics:             names for `stm.metrics.text.build_text_metrics` (default: the task's own).
-    generation:          max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty, use_cache,
+    generation:          max_new_tokens (required), num_beams, temperature, top_k, top_p, length_penalty,
+                         use_cache (those left out: `stm.loop.generation.generate`'s defaults, greedy),
                          stop_strings (the output is cut at the first one; decoding stops there), batch_size
-                         (how many examples are decoded together; 1: one at a time, with the same outputs
-                         unless sampling, which draws for the batch at once).
+                         (how many examples are decoded together, default 1: one at a time, with the same
+                         outputs unless sampling, which draws for the batch at once).
+    metrics:             names for `stm.metrics.text.build_text_metrics` (one or more).
     n_generate:          how many validation examples are generated and scored per validation (the first
-                         ones, by index); null: all of them.
+                         ones, by index); None: all of them.
     n_samples:           how many of them go into the sample table.
     context_loss_weight: weight of the context's LM loss next to the target's (needs data.context_loss=true).
+    Everything else (segment_len, bptt_depth, ...) as in `LanguageModelTask`.
     """
 
-    default_metrics: tuple[str, ...] = ()
-    default_generation: dict = {"max_new_tokens": 64}
+    def __init__(self, model: nn.Module, memory: Memory, optimizer: Callable, scheduler: Callable | None = None, *,
+                 generation: dict, metrics: Sequence[str], n_generate: int | None = None, n_samples: int = 0,
+                 context_loss_weight: float = 0.0, **lm_options):
+        super().__init__(model, memory, optimizer, scheduler, **lm_options)
+        from stm.metrics.text import METRICS, build_text_metrics
 
-    def __init__(self, model: nn.Module, memory: Memory, optimizer: Callable, scheduler: Callable | None = None,
-                 segment_len: int | None = 128, bptt_depth: int | None = None,
-                 checkpoint_segments: bool = False, weight_decay: float = 0.1, metrics: list[str] | None = None,
-                 generation: dict | None = None, n_generate: int | None = 16, n_samples: int = 8,
-                 context_loss_weight: float = 0.0):
-        super().__init__(model, memory, optimizer, scheduler, segment_len, bptt_depth,
-                         checkpoint_segments, weight_decay)
-        from stm.metrics.text import build_text_metrics
-
-        generation = {**self.default_generation, **dict(generation or {})}
+        generation = dict(generation)
         unknown = sorted(set(generation) - set(GENERATION_KEYS))
         if unknown:
             raise ValueError(f"task.generation: unknown key(s) {unknown}; known: {list(GENERATION_KEYS)}")
+        if "max_new_tokens" not in generation:
+            raise ValueError("task.generation.max_new_tokens is missing: how many tokens to decode at most")
         if context_loss_weight < 0:
             raise ValueError(f"task.context_loss_weight must be >= 0, got {context_loss_weight}")
         if n_generate is not None and n_generate < 0:
             raise ValueError(f"task.n_generate must be >= 0 or null, got {n_generate}")
-        batch_size = generation.setdefault("batch_size", GENERATION_BATCH_SIZE)
+        batch_size = generation.setdefault("batch_size", 1)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ValueError(f"task.generation.batch_size must be a positive integer, got {batch_size!r}")
-        self.metric_names = list(metrics if metrics is not None else self.default_metrics)
+        if not metrics:
+            raise ValueError(f"task.metrics is empty: name the text metrics that score the generated targets, e.g. "
+                             f"task.metrics=[rouge]; one or more of {sorted(METRICS)}")
+        self.metric_names = list(metrics)
         self.text_metrics = build_text_metrics(self.metric_names)
         self.generation = generation
         self.n_generate, self.n_samples = n_generate, n_samples
@@ -133,11 +134,8 @@ class ConditionalLMTask(LanguageModelTask):
             return torch.tensor([any(s in t for s in stop_strings) for t in texts])
 
         rows = generate(
-            self.model, self.memory, contexts, segment_len=self.segment_len,
-            max_new_tokens=g["max_new_tokens"], temperature=g.get("temperature", 0.0), top_k=g.get("top_k"),
-            top_p=g.get("top_p"), num_beams=g.get("num_beams", 1), length_penalty=g.get("length_penalty", 1.0),
-            eos_token_id=tokenizer.eos_token_id, use_cache=g.get("use_cache", True),
-            stop=stop if stop_strings else None,
+            self.model, self.memory, contexts, segment_len=self.segment_len, eos_token_id=tokenizer.eos_token_id,
+            stop=stop if stop_strings else None, **{key: g[key] for key in DECODING_KEYS if key in g},
         ).tolist()
         texts = []
         for tokens in rows:  # a row that finished early is padded with eos after its own

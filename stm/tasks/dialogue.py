@@ -8,7 +8,5 @@ from stm.tasks.conditional import ConditionalLMTask
 
 class DialogueTask(ConditionalLMTask):
     """Scores the response's perplexity (val/ppl, on the target tokens), token F1 and corpus BLEU. A response
-    is one turn: decoding stops at the end of the line."""
-
-    default_metrics = ("token_f1", "sacrebleu")
-    default_generation = {"max_new_tokens": 64, "stop_strings": ["\n"]}
+    is one turn: decoding stops at the end of the line. The metrics and generation are set in
+    conf/task/dialogue.yaml."""

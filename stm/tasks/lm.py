@@ -42,12 +42,17 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
 class LanguageModelTask(L.LightningModule):
     """Every label is a target; each chunk is read in segments of `segment_len` tokens.
 
+    The values a run uses are set in conf/task/lm.yaml (the one place for them); the defaults here are only the
+    "off" values that let the class be built from Python.
+
     model:        a backbone taking (input_ids, attention_mask, extras) -> BackboneOutput.
     memory:       the memory mechanism.
     optimizer:    a partial optimizer (Hydra `_partial_: true`) taking parameter groups.
     scheduler:    a partial scheduler taking the optimizer, stepped every training step; or None.
+    segment_len:  tokens per segment; None = the whole chunk as one segment.
     bptt_depth:   gradients reach at most this many segments back; None = through the whole chunk.
     checkpoint_segments: recompute segment activations in the backward pass (memory-efficient BPTT).
+    weight_decay: of the matrices (none on norms, biases and other vectors).
     """
 
     def __init__(
@@ -56,10 +61,11 @@ class LanguageModelTask(L.LightningModule):
         memory: Memory,
         optimizer: Callable,
         scheduler: Callable | None = None,
-        segment_len: int | None = 128,
+        *,
+        segment_len: int | None,
         bptt_depth: int | None = None,
         checkpoint_segments: bool = False,
-        weight_decay: float = 0.1,
+        weight_decay: float = 0.0,
     ):
         super().__init__()
         if segment_len is not None and segment_len <= 0:

@@ -51,12 +51,12 @@ from torchmetrics import Metric, SumMetric
 from stm.constants import IGNORE_INDEX
 from stm.metrics.text import answer_in_first_sentence, exact_match
 from stm.tasks.qa import QuestionAnsweringTask
-from stm.tasks.scores_by_length import LENGTHS_FILE, ExampleScores, accuracy_by_length, lengths_table, set_and_task
+from stm.tasks.scores_by_length import ExampleScores, accuracy_by_length, lengths_table, set_and_task
 
 log = logging.getLogger("stm")
 
 SCORES = {"exact_match": exact_match, "first_sentence": answer_in_first_sentence}
-HORIZON_FILE = "horizon.json"
+HORIZON_FILE = "horizon.json"  # what stm.analysis.horizon looks for; conf/task/probe.yaml sets task.horizon_file to it
 
 
 def bucket_names(edges: Sequence[int]) -> list[str]:
@@ -160,12 +160,13 @@ class ProbeTask(QuestionAnsweringTask):
                 several sets or of BABILong examples (null: none).
     target_loss: false: validation only generates and scores, without the teacher-forced read of context and
                 target for val/loss, ppl and bpb (which are then not logged): an evaluation at half the cost.
-    Everything else as in `ConditionalLMTask` (`n_generate: null` scores every validation example).
+    Everything else as in `ConditionalLMTask` (`n_generate: null` scores every validation example). The values
+    a run uses are set in conf/task/probe.yaml; without a file name, no file is written.
     """
 
-    def __init__(self, *args, scores: Sequence[str] = ("exact_match",), edges: Sequence[int] = (0, 1, 2, 4, 8, 16),
-                 near: Sequence = (0, 1), far: Sequence = (2, None), horizon_file: str | None = HORIZON_FILE,
-                 lengths_file: str | None = LENGTHS_FILE, target_loss: bool = True, **kwargs):
+    def __init__(self, *args, scores: Sequence[str], edges: Sequence[int], near: Sequence, far: Sequence,
+                 horizon_file: str | None = None, lengths_file: str | None = None, target_loss: bool = True,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.target_loss = bool(target_loss)
         scores = list(scores)

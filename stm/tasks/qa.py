@@ -7,7 +7,5 @@ from stm.tasks.conditional import ConditionalLMTask
 
 
 class QuestionAnsweringTask(ConditionalLMTask):
-    """Scores exact match and whether the answer appears in the first sentence of the output (0-1)."""
-
-    default_metrics = ("exact_match", "first_sentence")
-    default_generation = {"max_new_tokens": 16, "stop_strings": ["\n"]}
+    """Scores exact match and whether the answer appears in the first sentence of the output (0-1); the metrics
+    and generation are set in conf/task/qa.yaml."""

@@ -6,7 +6,5 @@ from stm.tasks.conditional import ConditionalLMTask
 
 
 class SummarizationTask(ConditionalLMTask):
-    """Scores ROUGE-1/2/L/Lsum (F-measure, 0-100) of the generated summaries."""
-
-    default_metrics = ("rouge",)
-    default_generation = {"max_new_tokens": 128}
+    """Scores ROUGE-1/2/L/Lsum (F-measure, 0-100) of the generated summaries; the metrics and generation are set
+    in conf/task/summarization.yaml."""

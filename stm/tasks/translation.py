@@ -8,7 +8,4 @@ from stm.tasks.conditional import ConditionalLMTask
 
 class TranslationTask(ConditionalLMTask):
     """Scores corpus-level BLEU and chrF (0-100, as sacrebleu reports them). A target is one sentence, so
-    decoding stops at the end of the line."""
-
-    default_metrics = ("sacrebleu", "chrf")
-    default_generation = {"max_new_tokens": 256, "stop_strings": ["\n"]}
+    decoding stops at the end of the line. The metrics and generation are set in conf/task/translation.yaml."""
