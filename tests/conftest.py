@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -78,6 +79,49 @@ def read_csv_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
                 if key not in ("step", "epoch") and value not in ("", None):
                     series.setdefault(key, []).append((int(row["step"]), float(value)))
     return series
+
+
+class KeepTask(L.pytorch.Callback):
+    """Keeps the task and data module of the latest validation, so that a test can recompute its numbers after
+    `train(cfg)`: add it with `KEEP_TASK` (`+callbacks.keep._target_=conftest.KeepTask`) and read `KeepTask.last`
+    (a class attribute: Hydra builds the callback from the config)."""
+
+    last: dict = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        KeepTask.last = {"task": pl_module, "datamodule": trainer.datamodule}
+
+
+KEEP_TASK = "+callbacks.keep._target_=conftest.KeepTask"
+
+
+def recomputed_val_loss(task, datamodule, n_batches: int | None = None, carry_lanes: bool = True) -> float:
+    """The validation loss of `task` as it is now, computed here batch by batch: the summed NLL of the labels
+    over their count (a context -> target task: of the target tokens only), over the first `n_batches`
+    validation batches (None: all). Batches of stream lanes carry the memory from batch to batch as validation
+    does, or, with `carry_lanes=False`, start each from a fresh memory."""
+    import torch
+
+    from stm.constants import IGNORE_INDEX
+    from stm.tasks import ConditionalLMTask
+
+    task.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        task.lane_states.pop("val", None)
+        for i, batch in enumerate(datamodule.val_dataloader()):
+            if n_batches is not None and i == n_batches:
+                break
+            if not carry_lanes:
+                task.lane_states.pop("val", None)
+            run = task(batch)
+            counted = batch["labels"] != IGNORE_INDEX
+            if isinstance(task, ConditionalLMTask):
+                counted &= batch["target_mask"].bool()
+            # a batch's sum in float32, added up in float64, as stm.metrics.lm.LanguageModelMetrics does
+            nll += float((run.token_nll * counted).sum())
+            count += int(counted.sum())
+    return nll / count
 
 
 def load_json(path: Path) -> dict:

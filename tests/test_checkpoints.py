@@ -73,7 +73,10 @@ def test_a_checkpoint_of_a_run_is_plain_data_and_evaluates_to_its_recorded_metri
     best = next(tiny_run.glob("best-step*.ckpt"))
     checkpoint = stored(best)  # weights_only=True reads all of it, lane memory state included
     assert type(checkpoint["stm"]["config"]) is dict and checkpoint["stm"]["config"]["memory"]["xl"]
-    assert checkpoint["stm"]["lane_state"] is not None and "hyper_parameters" not in checkpoint
+    assert "hyper_parameters" not in checkpoint
+    lane = checkpoint["stm"]["lane_state"]  # xl's cache of the 4 lanes: 2 layers x (4, 4 heads, 32 tokens, 16)
+    assert lane["__state__"] == "stm.memory.kv_cache:KVCache"
+    assert [tuple(t.shape) for t in lane["keys"] + lane["values"]] == [(4, 4, 32, 16)] * 4
 
     loads = []
     real_load = torch.load

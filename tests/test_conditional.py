@@ -1,11 +1,13 @@
 """Conditional data: each record one example, the target after the context and kept whole."""
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import KEEP_TASK, KeepTask, recomputed_val_loss
 
 from stm.constants import IGNORE_INDEX
 from stm.data import ByteTokenizer
@@ -80,7 +82,7 @@ def test_translation_chapters_train_as_conditional_lm(tmp_path):
                         enable_model_summary=False)
     trainer.fit(task, datamodule=dm)
     loss = float(trainer.callback_metrics["val/loss"])
-    assert 4.0 < loss < 7.0  # near uniform over bytes for an untrained model
+    assert math.isclose(loss, recomputed_val_loss(task, dm, n_batches=1), rel_tol=1e-6)  # every token, as task=lm
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the shared real data sets are not at {SHARED_DATA}")
@@ -90,7 +92,8 @@ def test_data_conditional_config_trains_on_qmsum(train_config):
     cfg = train_config(["data=conditional", f"data.train_source.root={SHARED_DATA}",
                         f"data.val_source.root={SHARED_DATA}", "data.on_bad_record=skip", "task.segment_len=512",
                         "+data.train_source.limit=4", "+data.val_source.limit=2", "debug=fast_dev_run",
-                        "data.batch_size=2", "data.val_batch_size=2"])
+                        "data.batch_size=2", "data.val_batch_size=2", KEEP_TASK])
     assert cfg.data.val_source.split == "val" and cfg.data.max_segments == 16
     val_loss = train(cfg)
-    assert val_loss is not None and 4.0 < val_loss < 7.0
+    kept = KeepTask.last
+    assert math.isclose(val_loss, recomputed_val_loss(kept["task"], kept["datamodule"], n_batches=1), rel_tol=1e-6)

@@ -53,7 +53,15 @@ def test_each_option_composes_and_instantiates(train_config, group, option):
         overrides += ["data=qa_sample", "task.metrics=[rouge]"]
     cfg = train_config(overrides)
     parts = build_components(cfg)
-    assert isinstance(parts["task"].model, torch.nn.Module)
+    # the model under its memory reads 8 tokens into finite logits over (at least) the tokenizer's vocabulary
+    from stm.loop.segments import run_segments
+
+    ids = torch.arange(8)[None] % parts["tokenizer"].vocab_size
+    with torch.no_grad():
+        logits = run_segments(parts["model"], parts["memory"], ids, segment_len=cfg.task.segment_len,
+                              return_logits=True).logits
+    assert logits.shape[:2] == (1, 8) and logits.shape[2] >= parts["tokenizer"].vocab_size
+    assert torch.isfinite(logits).all()
     if group == "task":
         assert_task_yaml_is_the_one_source(cfg.task, parts["task"])
     if group in ("trainer", "logger", "callbacks", "debug", "experiment"):
@@ -104,11 +112,18 @@ def test_gpu_trainer_composes(train_config):
     assert cfg.trainer.max_steps == 600  # inherited from trainer/cpu.yaml
 
 
-def test_eval_config_composes(tmp_path):
+def test_eval_config_composes_the_default_job(tmp_path):
+    """eval.py without a checkpoint evaluates the model that train.py's default job builds: the two configs
+    compose the same sections."""
     from conftest import compose_config
+    from omegaconf import OmegaConf
 
-    cfg = compose_config("eval", ["ckpt_path=x.ckpt"], tmp_path)
-    assert cfg.ckpt_path == "x.ckpt" and cfg.trainer.accelerator == "cpu"
+    evaluated = compose_config("eval", [], tmp_path)
+    trained = compose_config("train", ["task=probe"], tmp_path)
+    for section in ("tokenizer", "model", "memory", "task", "data", "trainer"):
+        assert OmegaConf.to_container(evaluated[section], resolve=True) == \
+            OmegaConf.to_container(trained[section], resolve=True), section
+    assert OmegaConf.to_container(evaluated.run) == {"compile": False}  # eval writes no checkpoint: no signals
 
 
 def test_chunk_length_is_two_segments_unless_set(train_config):
@@ -196,10 +211,6 @@ def test_cli_reports_unknown_option():
     assert "tiny" in result.stderr + result.stdout  # Hydra lists the available options
 
 
-def test_configs_ship_next_to_the_package():
-    assert (Path(CONF) / "train.yaml").is_file() and (Path(CONF) / "eval.yaml").is_file()
-
-
 def test_memory_list_composes(train_config):
     from stm.memory import ComposedMemory, RecurrentMemoryTokens, SlidingWindow
 
@@ -228,7 +239,8 @@ def test_probe_defaults_and_a_stray_memory_preset(train_config):
     assert list(cfg.memory) == ["rmt"] and cfg.model.n_layers == 2 and cfg.trainer.max_steps == 1000
     assert cfg.data._target_ == "stm.data.curriculum.CurriculumDataModule"
     cfg = train_config(["task=probe", "memory=xl", "model=small", "trainer.max_steps=7"])
-    assert list(cfg.memory) == ["xl"] and cfg.model.n_layers == 6 and cfg.trainer.max_steps == 7
+    assert list(cfg.memory) == ["xl"] and cfg.model.n_layers == 6  # nothing of rmt or tiny_2layer is left
+    assert cfg.trainer.val_check_interval == 7 and cfg.task.scheduler.total_steps == 7  # they follow max_steps
     cfg = train_config(["experiment=horizon", "probe_memory=swa", "memory=none"])
     with pytest.raises(ValueError, match=r"memory.swa holds options \(\{'window': 64\}\) but no mechanism"):
         build_components(cfg)

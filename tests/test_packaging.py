@@ -177,11 +177,8 @@ def test_wheel_trains_and_evaluates_outside_the_checkout(installed):
     assert (main["schema"], Path(main["path"])) == ("file", site / "stm" / "conf")
     assert hydra_cfg["runtime"]["choices"]["task"] == "probe"
     val_loss = float(re.search(r"validation: val/loss=([0-9.]+)", train.stdout + train.stderr).group(1))
-    assert 0 < val_loss < 10
     ckpt = run / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
     horizon = json.loads((run / "horizon.json").read_text())
-    assert horizon, "the probe's horizon.json is empty"
 
     # stm-eval on that checkpoint, over the one validation batch that fast_dev_run validated on: the same model on
     # the same batch, so the validation loss the run printed (to 4 decimals)
@@ -190,7 +187,8 @@ def test_wheel_trains_and_evaluates_outside_the_checkout(installed):
     assert report["ckpt_path"] == str(ckpt)
     eval_loss = report["metrics"]["val/loss"]
     assert math.isfinite(eval_loss) and abs(eval_loss - val_loss) < 1e-3, (eval_loss, val_loss)
-    assert 0.0 <= report["metrics"]["val/acc"] <= 1.0
+    # and its accuracy, the one the run wrote into horizon.json
+    assert report["metrics"]["val/acc"] == pytest.approx(horizon["overall"]["accuracy"]["exact_match"], abs=1e-6)
 
 
 def _user_configs(root: Path) -> Path:

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from conftest import compose_config, load_json, read_csv_metrics, run_script
@@ -206,7 +207,7 @@ def test_submitit_local_runs_each_job_in_its_own_process(tmp_path):
     assert len(submitted) == 2 and all(list(p.glob("*_result.pkl")) for p in submitted)
     assert all("JobEnvironment" in "".join(f.read_text() for f in p.glob("*_log.*")) for p in submitted)
     for job in ("0", "1"):
-        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert "[rank 1]" in (sweep / "1" / "train.log").read_text()
     assert "[rank 1]" not in (sweep / "0" / "train.log").read_text()
 
@@ -261,15 +262,41 @@ def test_trainer_presets(tmp_path):
     assert isinstance(trainer.strategy.launcher, JobLauncher)
 
 
+class KnobEffects(L.pytorch.Callback):
+    """Records, for every training batch, the dtype of the backbone's logits, the optimizer steps so far and the
+    largest gradient entry after it (in the class: Hydra builds the callback from the config)."""
+
+    seen: list = []
+
+    def on_fit_start(self, trainer, pl_module):
+        KnobEffects.seen, self.dtype = [], None
+
+        def keep_dtype(module, inputs, output):
+            self.dtype = output.dtype
+
+        pl_module.model.lm_head.register_forward_hook(keep_dtype)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        largest = max(float(p.grad.abs().max()) for p in pl_module.parameters() if p.grad is not None)
+        KnobEffects.seen.append((self.dtype, trainer.global_step, largest))
+
+
 def test_precision_accumulation_and_clipping_knobs(tmp_path):
-    cfg = compose_config("train", ["debug=fast_dev_run", "model.d_model=32", "model.n_layers=1",
-                                   "task.segment_len=32", "data.batch_size=2", "data.val_batch_size=2",
+    """bf16-mixed: the backbone's logits in bfloat16; accumulate_grad_batches=2: 4 batches make 2 optimizer steps;
+    gradient_clip_val=1e-4 by value: after each step every gradient entry is at most 1e-4, and some are exactly
+    that (an untrained model's gradients are larger)."""
+    cfg = compose_config("train", ["model.d_model=32", "model.n_layers=1", "task.segment_len=32",
+                                   "data.batch_size=2", "data.val_batch_size=2", "trainer.max_steps=2",
+                                   "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "callbacks=none",
                                    "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
-                                   "trainer.gradient_clip_val=0.5", "trainer.gradient_clip_algorithm=value"], tmp_path)
-    trainer, _ = build_trainer(cfg)
-    assert trainer.precision == "bf16-mixed" and trainer.accumulate_grad_batches == 2
-    assert trainer.gradient_clip_val == 0.5 and trainer.gradient_clip_algorithm == "value"
-    assert 4.0 < train(cfg) < 7.0  # the whole path runs with them on a CPU
+                                   "trainer.gradient_clip_val=1e-4", "trainer.gradient_clip_algorithm=value",
+                                   "+callbacks.knobs._target_=test_sweeps.KnobEffects"], tmp_path)
+    train(cfg)
+    assert [(dtype, step) for dtype, step, _ in KnobEffects.seen] == [(torch.bfloat16, 0), (torch.bfloat16, 1),
+                                                                      (torch.bfloat16, 1), (torch.bfloat16, 2)]
+    for _, _, largest in KnobEffects.seen[1::2]:  # the batches that ended with an optimizer step
+        assert largest == pytest.approx(1e-4, rel=1e-6)
+    assert all(largest > 1e-3 for _, _, largest in KnobEffects.seen[0::2])  # accumulated, not yet clipped
 
 
 def test_compile_switch_compiles_the_backbone(tmp_path):
@@ -284,12 +311,13 @@ def test_compile_switch_compiles_the_backbone(tmp_path):
     assert model._compiled_call_impl is not None
     torch._dynamo.reset()
     counters.clear()
-    cfg = compose_config("train", ["debug=fast_dev_run", "model.d_model=32", "model.n_layers=1", "task.segment_len=32",
-                                   "data.batch_size=2", "data.val_batch_size=2", "run.compile={backend:eager}"],
-                         tmp_path)
-    assert train(cfg) is not None
+    small = ["debug=fast_dev_run", "model.d_model=32", "model.n_layers=1", "task.segment_len=32", "data.batch_size=2",
+             "data.val_batch_size=2"]
+    compiled = train(compose_config("train", [*small, "run.compile={backend:eager}"], tmp_path / "compiled"))
     assert counters["stats"]["calls_captured"] > 0, dict(counters["stats"])  # dynamo traced the backbone
     torch._dynamo.reset()
+    eager = train(compose_config("train", small, tmp_path / "eager"))
+    assert math.isclose(compiled, eager, rel_tol=1e-5), (compiled, eager)  # the same run, the same numbers
 
 
 def test_a_diverging_run_raises_so_a_sweeper_records_a_failure(tmp_path):

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_csv_metrics
 
 from stm.app.run import build_components, train
 from stm.data.examples import dialogue_examples, translation_examples
 from stm.data.fieldmap import Record
+from stm.metrics.text import build_text_metrics
 
 TASK_METRICS = {
     "summarization": ["rouge1", "rouge2", "rougeL", "rougeLsum"],
@@ -52,9 +55,21 @@ def test_task_alone_composes_trains_and_scores_generations(train_config, tmp_pat
         assert key in csv.splitlines()[0], f"{key} not logged for task={task}"
     rows = samples_written(tmp_path)
     assert [r["index"] for r in rows] == [0, 1]
-    refs = [val.sets["val"].infos[i].reference for i in (0, 1)]
-    assert [r["reference"] for r in rows] == refs
-    assert all(isinstance(r["output"], str) for r in rows)
+    infos = [val.sets["val"].infos[i] for i in (0, 1)]
+    assert [r["reference"] for r in rows] == [info.reference for info in infos]
+    # the outputs are what the trained model (last.ckpt, written by the same validation) generates for those
+    # contexts, and the logged scores those of the outputs against the references
+    trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    task_module.load_state_dict(trained["state_dict"])
+    outputs = task_module.eval().generate_texts([torch.as_tensor(info.context_ids) for info in infos], val.tokenizer)
+    assert [r["output"] for r in rows] == outputs
+    scores = build_text_metrics(list(cfg.task.metrics))
+    scores.update(outputs, [info.reference for info in infos])
+    logged = read_csv_metrics(next(tmp_path.rglob("metrics.csv")))
+    computed = scores.compute()
+    assert sorted(computed) == sorted(TASK_METRICS[task])
+    for key, value in computed.items():
+        assert math.isclose(logged[f"val/{key}"][-1][1], float(value), rel_tol=1e-6, abs_tol=1e-9), key
 
 
 def test_translation_examples_carry_earlier_sentence_pairs():
