@@ -31,6 +31,7 @@ SECTIONS = {  # README marker name -> (benchmark field, full-size file, small va
     "train_speed": ("train_speed", "train_speed.json", "train_speed_quick.json"),
     "train_speed_bf16": ("train_speed", "train_speed_fp32_bf16.json", "train_speed_quick_fp32_bf16.json"),
     "stream": ("stream_inference", "stream_inference.json", "stream_inference_quick.json"),
+    "stream_armt_1m": ("stream_inference", "stream_inference_armt_1m.json", "stream_inference_armt_1m_quick.json"),
     "gpu": ("gpu_check", "gpu_check.json", "gpu_check_smoke.json"),
     "tokenize": ("tokenize_throughput", "tokenize_throughput.json", "tokenize_throughput_quick.json"),
     "tasks": ("task_runs", "task_runs.json", "task_runs_quick.json"),
@@ -339,8 +340,8 @@ def render_babilong_zeroshot(data: dict, small: bool) -> str:
 
 
 RENDER = {"train_speed": render_train_speed, "train_speed_bf16": render_train_speed, "stream": render_stream,
-          "gpu": render_gpu, "tokenize": render_tokenize, "tasks": render_tasks, "horizon": render_horizon,
-          "capacity": render_capacity, "babilong_zeroshot": render_babilong_zeroshot}
+          "stream_armt_1m": render_stream, "gpu": render_gpu, "tokenize": render_tokenize, "tasks": render_tasks,
+          "horizon": render_horizon, "capacity": render_capacity, "babilong_zeroshot": render_babilong_zeroshot}
 
 
 def write_readme(readme: Path, sections: dict[str, str]) -> list[str]:
