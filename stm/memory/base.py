@@ -136,7 +136,8 @@ class SegmentExtras:
 class BackboneOutput:
     """What a backbone returns for one segment.
 
-    logits:              (B, T, V) for the segment's own tokens (prefix and suffix positions excluded).
+    logits:              (B, T, V) for the segment's own tokens (prefix and suffix positions excluded), or
+                         (B, K, V) for the K positions the caller's `logits_to_keep` asked for.
     hidden_states:       (B, P + T + S, D) final (normalised) hidden states of every position, memory included.
     present_key_values:  per layer (keys, values), each (B, H, P + T + S, head_dim), unrotated: this
                          segment's own keys and values, for mechanisms that cache them.

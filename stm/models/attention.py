@@ -30,6 +30,22 @@ def with_memory_tokens(x: torch.Tensor, extras) -> torch.Tensor:
     return torch.cat(parts, dim=1) if len(parts) > 1 else x
 
 
+def logit_positions(logits_to_keep: int | torch.Tensor, n_tokens: int, offset: int = 0,
+                    device=None) -> slice | torch.Tensor:
+    """Which of a segment's n_tokens own positions get logits, as an index into a sequence whose own tokens
+    start at `offset` (after P memory tokens): `logits_to_keep` as in Hugging Face, 0 = all, an int n > 0 = the
+    last n, a 1-D LongTensor = those positions (0 .. n_tokens - 1; may be empty)."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dim() != 1:
+            raise ValueError("logits_to_keep as a tensor must be 1-D positions, "
+                             f"got shape {tuple(logits_to_keep.shape)}")
+        return logits_to_keep.to(device) + offset
+    if logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
+    first = 0 if logits_to_keep == 0 else max(n_tokens - logits_to_keep, 0)
+    return slice(offset + first, offset + n_tokens)
+
+
 def segment_key_padding(extras, attention_mask: torch.Tensor | None, batch_size: int, n_tokens: int,
                         device) -> torch.Tensor | None:
     """(B, n_past + P + T + S) bool, False at padding keys (cached or in the segment); None if none is padded."""

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from stm.memory.base import BackboneOutput, SegmentExtras, read_layer_memory
-from stm.models.attention import build_attention_mask, segment_key_padding, with_memory_tokens
+from stm.models.attention import build_attention_mask, logit_positions, segment_key_padding, with_memory_tokens
 from stm.models.lora import describe, lora_settings, wrap_with_lora
 
 log = logging.getLogger("stm")
@@ -240,8 +240,13 @@ class HFCausalLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         extras: SegmentExtras | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> BackboneOutput:
-        """Read one segment (see `stm.models.Transformer.forward`: same arguments, same output)."""
+        """Read one segment (see `stm.models.Transformer.forward`: same arguments, same output).
+
+        logits_to_keep: which of the segment's T positions get logits (0 = all, n = the last n, 1-D positions):
+                        the lm head runs only there (at 32K tokens of a 49,152-token vocabulary all logits are
+                        6 GiB)."""
         from transformers import DynamicCache
 
         extras = extras if extras is not None else SegmentExtras()
@@ -275,6 +280,7 @@ class HFCausalLM(nn.Module):
                 use_cache=True,
                 output_hidden_states=True,
                 return_dict=True,
+                logits_to_keep=self._keep_index(logits_to_keep, P, T, x.device),
                 **{self._cache_arg: cache},
             )
         finally:
@@ -288,7 +294,7 @@ class HFCausalLM(nn.Module):
                 k = rotate(k, cos[:, n_past:], sin[:, n_past:], inverse=True)
             presents.append((k, v))
         return BackboneOutput(
-            logits=out.logits[:, P:P + T],
+            logits=out.logits,
             hidden_states=out.hidden_states[-1],  # after the final norm
             present_key_values=presents,
             attention_mask=attention_mask.bool() if attention_mask is not None else None,
@@ -296,6 +302,14 @@ class HFCausalLM(nn.Module):
             n_suffix=S,
             layer_outputs=layer_outputs,
         )
+
+    @staticmethod
+    def _keep_index(logits_to_keep: int | torch.Tensor, P: int, T: int, device) -> torch.Tensor:
+        """The positions (of the P + T + S the model reads) whose logits the model computes, as a 1-D tensor."""
+        keep = logit_positions(logits_to_keep, T, offset=P, device=device)
+        if isinstance(keep, slice):
+            keep = torch.arange(keep.start, keep.stop, device=device)
+        return keep
 
     def extra_repr(self) -> str:
         gguf = f", gguf_file={self.gguf_file!r}" if self.gguf_file else ""

@@ -26,6 +26,7 @@ from stm.models.attention import (
     build_attention_mask,
     flex_attention,
     flex_block_mask,
+    logit_positions,
     rotary_cos_sin,
     segment_key_padding,
     with_memory_tokens,
@@ -188,12 +189,15 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         extras: SegmentExtras | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> BackboneOutput:
         """Read one segment.
 
         input_ids:      (B, T) token ids.
         attention_mask: (B, T), 1/True at real tokens, 0/False at padding; None means no padding.
         extras:         what the memory mechanism adds (see `SegmentExtras`).
+        logits_to_keep: which positions get logits (B, K, V), as in Hugging Face: 0 = all T, n = the last n,
+                        a 1-D LongTensor = those positions (an empty one: no logits, (B, 0, V)).
         """
         extras = extras if extras is not None else SegmentExtras()
         B, T = input_ids.shape
@@ -228,7 +232,7 @@ class Transformer(nn.Module):
             if i in write_layers:
                 layer_outputs[i] = x
         hidden = self.norm(x)
-        logits = self.lm_head(hidden[:, P:P + T])
+        logits = self.lm_head(hidden[:, logit_positions(logits_to_keep, T, offset=P, device=x.device)])
         return BackboneOutput(
             logits=logits,
             hidden_states=hidden,
