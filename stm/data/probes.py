@@ -407,8 +407,10 @@ def hide_in_background(rng: np.random.Generator, question: BabiQuestion, target_
     if fixed > target_length:
         raise ValueError(f"babilong: target_length {target_length} is shorter than the story and question ({fixed})")
     start, chosen, costs, total, pos, misses = int(rng.integers(len(sentences))), [], [], fixed, 0, 0
+    n_batch = 16  # sentences measured per tokenizer call, doubling up to 256: a short context needs only a few
     while total < target_length and misses < _LOOKAHEAD and pos < len(sentences):
-        batch = [sentences[(start + pos + j) % len(sentences)] for j in range(min(256, len(sentences) - pos))]
+        batch = [sentences[(start + pos + j) % len(sentences)] for j in range(min(n_batch, len(sentences) - pos))]
+        n_batch = min(2 * n_batch, 256)
         for (s, sep), c in zip(batch, _cost(tokenizer, [s + sep for s, sep in batch])):
             pos += 1
             if total + c > target_length:  # would overshoot: skip it, try the next ones
