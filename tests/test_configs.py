@@ -182,6 +182,19 @@ def test_negative_segment_length_is_named(train_config):
         train(cfg)
 
 
+def test_a_watched_val_loss_without_target_loss_is_refused_before_training(train_config):
+    """task.target_loss=false logs no val/loss: the checkpoint callback watching it would fail at the end."""
+    cfg = train_config(["task=probe", "task.target_loss=false", "optimized_metric=val/acc"])
+    with pytest.raises(ConfigError, match=r"callbacks.model_checkpoint.monitor=val/loss, but task.target_loss=false "
+                                          r"logs no val/loss .*callbacks.model_checkpoint.monitor=val/acc, "
+                                          r"callbacks.model_checkpoint.mode=max"):
+        train(cfg)
+    cfg = train_config(["task=probe", "task.target_loss=false", "optimized_metric=val/loss",
+                        "callbacks.model_checkpoint.monitor=val/acc"])
+    with pytest.raises(ConfigError, match=r"optimized_metric=val/loss, but task.target_loss=false"):
+        train(cfg)
+
+
 def test_missing_data_file_is_named(train_config):
     cfg = train_config(["data=text_files", "data.files=[/no/such/novel.txt]"])
     with pytest.raises(FileNotFoundError, match=r"data.files\[0\]: /no/such/novel.txt does not exist"):

@@ -64,7 +64,25 @@ def validate_train_config(cfg: DictConfig) -> None:
     resume = cfg.get("resume")
     if resume not in (None, False, "auto"):
         raise ConfigError(f"resume must be null or 'auto', got {resume!r}")
+    _check_monitored_metric(cfg)
     validate_run_config(cfg)
+
+
+def _check_monitored_metric(cfg: DictConfig) -> None:
+    """task.target_loss=false validates without the teacher-forced read, so there is no val/loss: a checkpoint
+    callback or sweep that watches it would fail only after the whole training run."""
+    if OmegaConf.select(cfg, "task.target_loss", default=True) is not False:
+        return
+    watchers = {"callbacks.model_checkpoint.monitor": OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor",
+                                                                       default=None),
+                "optimized_metric": cfg.get("optimized_metric")}
+    for key, metric in watchers.items():
+        if metric in ("val/loss", "val/ppl", "val/bpb"):
+            raise ConfigError(
+                f"{key}={metric}, but task.target_loss=false logs no {metric} (validation only generates and "
+                f"scores): watch a score instead ({key}=val/acc"
+                + (", callbacks.model_checkpoint.mode=max" if key.startswith("callbacks") else "")
+                + "), or set task.target_loss=true")
 
 
 # Keys that moved or went away, with what to write instead. A config or command line that still sets one gets a
