@@ -42,7 +42,9 @@ import numpy as np
 from stm.data.babi import BabiFile
 from stm.data.babilong_prompt import QUESTION, Frame, make_frame
 from stm.data.fieldmap import Record
-from stm.data.probes import QUESTION_FORMAT, ProbeSource, _cost, hide_in_background, sample_rng
+from stm.data.probes.hidden_story import QUESTION_FORMAT, _cost, hide_in_background
+from stm.data.probes.seeding import sample_rng
+from stm.data.probes.sources import ProbeSource
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 BABI_DIRS = ("probes/babi_en10k", "probes/babi_en1k")
