@@ -24,7 +24,7 @@ import math
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
-from stm.tasks.probe import HORIZON_FILE, horizon_table
+from stm.tasks.horizon_report import HORIZON_FILE, horizon_table
 
 MECHANISM_ORDER = ("none", "full", "swa", "xl", "rmt", "armt")
 
@@ -175,7 +175,7 @@ def solved_counts(rows: Sequence[dict]) -> dict[str, str]:
 
 
 def table(runs: Sequence[dict]) -> str:
-    """The per-run table of `stm.tasks.probe.horizon_table`, labelled, with seeds."""
+    """The per-run table of `stm.tasks.horizon_report.horizon_table`, labelled, with seeds."""
     labelled = [{**run, "mechanism": label_of(run, runs) + (f" s{run['seed']}" if _many_seeds(runs) else "")}
                 for run in runs]
     return horizon_table(labelled)

@@ -40,111 +40,27 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torchmetrics import Metric, SumMetric
+from torchmetrics import SumMetric
 
 from stm.constants import IGNORE_INDEX
+from stm.metrics.distance_accuracy import DistanceAccuracy, bucket_names
 from stm.metrics.text import answer_in_first_sentence, exact_match
+from stm.tasks.horizon_report import HORIZON_FILE, _finite, _one_or_all, horizon_table, mechanism_name
 from stm.tasks.qa import QuestionAnsweringTask
 from stm.tasks.scores_by_length import ExampleScores, accuracy_by_length, lengths_table, set_and_task
 
 log = logging.getLogger("stm")
 
 SCORES = {"exact_match": exact_match, "first_sentence": answer_in_first_sentence}
-HORIZON_FILE = "horizon.json"  # what stm.analysis.horizon looks for; conf/task/probe.yaml sets task.horizon_file to it
 
-
-def bucket_names(edges: Sequence[int]) -> list[str]:
-    """Names of the distance buckets of `edges`: [0, 1, 2, 4] -> ["seg0", "seg1", "seg2-3", "seg4+"]."""
-    names = []
-    for lo, hi in zip(edges, list(edges[1:]) + [None]):
-        if hi is None:
-            names.append(f"seg{lo}+")
-        elif hi - lo == 1:
-            names.append(f"seg{lo}")
-        else:
-            names.append(f"seg{lo}-{hi - 1}")
-    return names
-
-
-def _check_range(name: str, value) -> tuple[int, int | None]:
-    """An inclusive [lo, hi] range of segment distances (hi None: unbounded)."""
-    if value is None or len(value) != 2 or value[0] is None or value[0] < 0 or \
-            (value[1] is not None and value[1] < value[0]):
-        raise ValueError(f"task.{name} must be an inclusive [lo, hi] range of distances in segments with "
-                         f"0 <= lo <= hi (hi null: unbounded), got {value}")
-    return int(value[0]), None if value[1] is None else int(value[1])
-
-
-class DistanceAccuracy(Metric):
-    """Correct answers and examples per group: the distance buckets, then near, far, truncated and all.
-
-    State: `count` (G,) examples per group and `correct` (S, G) the summed score of each of the S scores,
-    both summed across ranks. `update` takes one example at a time.
-    """
-
-    full_state_update = False
-    higher_is_better = True
-    is_differentiable = False
-
-    def __init__(self, edges: Sequence[int], near: Sequence, far: Sequence, scores: Sequence[str], **kwargs):
-        super().__init__(**kwargs)
-        edges = [int(e) for e in edges]
-        if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise ValueError(f"task.edges must be strictly increasing distances in segments starting at 0, "
-                             f"got {list(edges)}")
-        self.edges = edges
-        self.near, self.far = _check_range("near", near), _check_range("far", far)
-        self.scores = list(scores)
-        self.buckets = bucket_names(edges)
-        self.groups = self.buckets + ["near", "far", "truncated", "all"]
-        self.add_state("count", default=torch.zeros(len(self.groups), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("correct", default=torch.zeros(len(self.scores), len(self.groups), dtype=torch.float64),
-                       dist_reduce_fx="sum")
-
-    def groups_of(self, distance_segments: int | None, kept: bool) -> list[int]:
-        """Indices of the groups an example falls in."""
-        index = [len(self.groups) - 1]
-        if not kept:
-            return index + [self.groups.index("truncated")]
-        d = int(distance_segments)
-        index.append(sum(1 for e in self.edges if e <= d) - 1)
-        for name, (lo, hi) in (("near", self.near), ("far", self.far)):
-            if lo <= d and (hi is None or d <= hi):
-                index.append(self.groups.index(name))
-        return index
-
-    def update(self, distance_segments: int | None, kept: bool, scores: dict[str, float]) -> None:
-        """Count one example: its distance in segments, whether its fact survived, and its score per name."""
-        index = torch.tensor(self.groups_of(distance_segments, kept), device=self.count.device)
-        self.count[index] += 1
-        values = torch.tensor([float(scores[s]) for s in self.scores], dtype=torch.float64, device=self.count.device)
-        self.correct[:, index] += values[:, None]
-
-    def compute(self) -> dict[str, dict[str, float]]:
-        """{score: {group: accuracy}} (NaN for an empty group) and {"count": {group: n}}."""
-        count = self.count.double()
-        out: dict[str, dict[str, float]] = {"count": {g: int(n) for g, n in zip(self.groups, self.count.tolist())}}
-        for s, name in enumerate(self.scores):
-            acc = torch.where(count > 0, self.correct[s] / count.clamp(min=1), torch.full_like(count, math.nan))
-            out[name] = dict(zip(self.groups, acc.tolist()))
-        out["correct"] = {name: dict(zip(self.groups, self.correct[s].tolist())) for s, name in enumerate(self.scores)}
-        return out
-
-
-def mechanism_name(run_config: dict | None, memory) -> str:
-    """The memory mechanism(s) as chosen in the config ("rmt", "rmt+swa"), else the module's class name."""
-    chosen = (run_config or {}).get("memory")
-    if isinstance(chosen, dict) and chosen:
-        if "_target_" in chosen:
-            return chosen["_target_"].rsplit(".", 1)[-1]
-        return "+".join(chosen)
-    return type(memory).__name__
+# moved to their own modules; imported from here as before
+__all__ = ["HORIZON_FILE", "SCORES", "DistanceAccuracy", "ProbeTask", "bucket_names", "horizon_table",
+           "mechanism_name"]
 
 
 class ProbeTask(QuestionAnsweringTask):
@@ -419,44 +335,3 @@ class ProbeTask(QuestionAnsweringTask):
     def on_fit_end(self):
         if self.horizon is not None and self.trainer.is_global_zero:
             log.info("\n%s", horizon_table([self.horizon]))
-
-
-def _one_or_all(values: set) -> int | list[int] | None:
-    """The one value of a set as itself, several as a sorted list, none as None."""
-    return None if not values else next(iter(values)) if len(values) == 1 else sorted(values)
-
-
-def _finite(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else float(value)
-
-
-def horizon_table(records: Sequence[dict]) -> str:
-    """A text table of horizon records: mechanism, accuracy near, far and overall (with their ranges), and
-    the chance level when the records know it."""
-    def fmt(group: dict, score: str) -> str:
-        acc = group["accuracy"].get(score)
-        return "-" if acc is None else f"{100 * acc:5.1f}%"
-
-    def span(group: dict) -> str:
-        return f"{group['lo']}+" if group["hi"] is None else f"{group['lo']}-{group['hi']}"
-
-    if not records:
-        return "(no horizon records)"
-    first = records[0]
-    width = max(12, *(len(r["mechanism"]) for r in records))
-    near, far = f"near ({span(first['near'])} seg)", f"far ({span(first['far'])} seg)"
-    header = f"{'mechanism':<{width}} {near:>16} {far:>16} {'overall':>9} {'n':>6}"
-    unit = " per query" if first.get("unit") == "query" else ""
-    lines = [f"accuracy{unit} ({first['score']}) by distance from fact to question, in segments of "
-             f"{first.get('segment_len')} tokens", header, "-" * len(header)]
-    for r in records:
-        score = r["score"]
-        lines.append(f"{r['mechanism']:<{width}} {fmt(r['near'], score):>16} {fmt(r['far'], score):>16} "
-                     f"{fmt(r['overall'], score):>9} {r['overall']['count']:>6}")
-    baselines = first.get("baselines", {})
-    if baselines.get("uniform_value") is not None:
-        chance = baselines["uniform_value"]
-        lines.append(f"chance: {100 * chance:.1f}% (one value of {round(1 / chance)})")
-    elif baselines.get("majority_answer") is not None:
-        lines.append(f"always the most frequent answer: {100 * baselines['majority_answer']:.1f}%")
-    return "\n".join(lines)
