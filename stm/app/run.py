@@ -1,4 +1,5 @@
-"""What `train.py` and `eval.py` do with a composed config: build every object from `_target_`, run, report."""
+"""What `train.py` and `eval.py` do with a composed config: build every object from `_target_` (`stm.app.builders`),
+train or evaluate (a checkpoint's stored config: `stm.app.checkpoint_config`), report."""
 
 from __future__ import annotations
 
@@ -8,138 +9,58 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stm.app import resolvers  # noqa: F401  (registers the OmegaConf resolvers that conf/ uses)
-from stm.app.checkpoint_io import AtomicCheckpointIO
+from stm.app.builders import (
+    build,
+    build_components,
+    build_trainer,
+    check_task_fits_data,
+    compile_backbone,
+    own_errors,
+    seed_everything,
+)
+from stm.app.checkpoint_config import (
+    BUILT_FROM,
+    REPLACED_BY_CHECKPOINT,
+    STORED_SECTIONS,
+    check_stored_config,
+    load_checkpoint_config,
+    refuse_section_overrides,
+    without_retired_keys,
+)
 from stm.app.config import (
-    RETIRED_KEYS,
     ConfigError,
     check_retired_overrides,
     validate_run_config,
     validate_train_config,
 )
 from stm.app.resume import (
-    TRUST_HINT,
     RunGuard,
-    UntrustedCheckpointError,
     checkpoint_dir,
     checkpoint_step,
     checkpoint_to_resume,
     continue_csv_logs,
-    read_checkpoint,
     trusts_checkpoints,
 )
 from stm.app.sweeps import NonFiniteMetricError, configure_wandb, ddp_job, is_rank_zero
 from stm.app.untrained import describe_untrained, untrained_parameters
 from stm.app.warm_start import warm_start
-from stm.memory import build_memory
 
 log = logging.getLogger("stm")
 
-
-@contextmanager
-def own_errors():
-    """Let a value or file error raised by stm's own checks come out of `instantiate` as itself.
-
-    Those messages already name the key or file; Hydra's wrapper would bury them. Other failures (a wrong
-    keyword, an unknown `_target_`) keep Hydra's message, which names the config key and the target.
-    """
-    try:
-        yield
-    except InstantiationException as err:
-        if isinstance(err.__cause__, (ValueError, OSError)):
-            raise err.__cause__ from None
-        raise
-
-
-def build(section: DictConfig, **kwargs) -> Any:
-    """`hydra.utils.instantiate` under `own_errors`."""
-    with own_errors():
-        return instantiate(section, **kwargs)
-
-
-def check_task_fits_data(cfg: DictConfig) -> None:
-    """A context -> target task needs examples with targets (language modelling reads either kind)."""
-    from hydra.utils import get_class
-
-    from stm.data.conditional import ConditionalDataModule
-    from stm.tasks import ConditionalLMTask
-
-    task_class, data_class = get_class(cfg.task._target_), get_class(cfg.data._target_)
-    if issubclass(task_class, ConditionalLMTask) and not issubclass(data_class, ConditionalDataModule):
-        raise ConfigError(f"task: {cfg.task._target_} needs context -> target examples, but data: "
-                          f"{cfg.data._target_} gives plain text; choose a data config of examples (probe_recall, "
-                          f"probe_babilong, conditional, *_sample), or task=lm")
-
-
-def build_components(cfg: DictConfig) -> dict[str, Any]:
-    """tokenizer, datamodule, model, memory and task, built from the config in that order."""
-    check_task_fits_data(cfg)
-    tokenizer = build(cfg.tokenizer)
-    datamodule = build(cfg.data, tokenizer=tokenizer)
-    vocab_size = cfg.model.get("vocab_size") or tokenizer.vocab_size
-    if vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    model = build(cfg.model, vocab_size=vocab_size)
-    with own_errors():
-        memory = build_memory(cfg.memory, model)
-    task = build(cfg.task, model=model, memory=memory)
-    task.run_config = OmegaConf.to_container(cfg, resolve=True)
-    return {"tokenizer": tokenizer, "datamodule": datamodule, "model": model, "memory": memory, "task": task}
-
-
-def _instantiate_dict(section: DictConfig | None) -> list:
-    """Build each entry of a dict of `_target_` configs (callbacks, loggers); null entries are off."""
-    if not section:
-        return []
-    return [instantiate(c) for c in section.values() if c is not None and "_target_" in c]
-
-
-def build_trainer(cfg: DictConfig, callbacks: list | tuple = ()) -> tuple[L.Trainer, list]:
-    """The Lightning Trainer of `cfg.trainer`, its loggers and callbacks plus `callbacks`.
-    On SLURM, Lightning's own requeue-on-signal is off: `RunGuard` writes the checkpoint and requeues.
-    Checkpoints are written whole or not at all (`AtomicCheckpointIO`, unless the config chose a CheckpointIO)."""
-    loggers = _instantiate_dict(cfg.get("logger"))
-    all_callbacks = _instantiate_dict(cfg.get("callbacks")) + list(callbacks)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    extra = {}
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    if SLURMEnvironment.detect() and not trainer_cfg.get("plugins"):
-        extra["plugins"] = [SLURMEnvironment(auto_requeue=False)]
-    trainer = instantiate(trainer_cfg, logger=loggers or False, callbacks=all_callbacks, **extra)
-    if getattr(trainer.strategy, "_checkpoint_io", None) is None:  # none chosen: Lightning would make its default
-        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-    return trainer, loggers
-
-
-def compile_backbone(model: torch.nn.Module, options) -> None:
-    """`run.compile`: false, true, or a mapping of `torch.compile` options. Compiles the backbone in place
-    (`nn.Module.compile`), so parameter names and checkpoints stay the same; the segment loop stays eager."""
-    if not options:
-        return
-    kwargs = OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else \
-        (dict(options) if isinstance(options, dict) else {})
-    model.compile(**kwargs)
-    log.info("compiled the backbone with torch.compile(%s)", kwargs)
-
-
-def seed_everything(seed: int | None) -> None:
-    """Seed python, numpy and torch; 0 is a seed like any other, only null leaves things unseeded."""
-    if seed is not None:
-        L.seed_everything(seed, workers=True, verbose=False)
+# building and a checkpoint's stored config moved to their own modules; imported from here as before
+__all__ = ["BUILT_FROM", "REPLACED_BY_CHECKPOINT", "STORED_SECTIONS", "build", "build_components", "build_trainer",
+           "check_stored_config", "check_task_fits_data", "check_trained", "compile_backbone", "evaluate", "hydra_main",
+           "load_checkpoint_config", "own_errors", "refuse_section_overrides", "seed_everything", "train",
+           "training_report", "unigram_baseline", "without_retired_keys"]
 
 
 def _finish_wandb(loggers: list) -> None:
@@ -251,140 +172,6 @@ def unigram_baseline(datamodule, vocab_size: int) -> dict[str, float] | None:
     nll = unigram_nll(train_ids, labels, vocab_size)
     n_bytes = int(np.asarray(datamodule.val_bytes[1:]).sum())
     return {"loss": nll / len(labels), "bpb": nll / math.log(2) / max(n_bytes, 1)}
-
-
-STORED_SECTIONS = ("tokenizer", "data", "model", "memory", "task")  # what eval.py builds from a checkpoint
-# where the `_target_`s of a stored config may point without trust: stm's building blocks and torch's optimizers
-BUILT_FROM = ("stm.models", "stm.memory", "stm.tasks", "stm.data", "torch.optim")
-
-
-def _within(name: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in BUILT_FROM)
-
-
-def _builds_known_code(target) -> bool:
-    """Whether a `_target_` names a class or function defined in `BUILT_FROM`: the path is checked before anything
-    is imported, and the object it leads to after (`stm.tasks.lm.torch.load` leads out of stm: refused)."""
-    from hydra.utils import get_object
-
-    if not isinstance(target, str) or not _within(target.rsplit(".", 1)[0]):
-        return False
-    try:
-        module = getattr(get_object(target), "__module__", None)
-    except Exception:  # noqa: BLE001 - nothing to build: instantiate gives its own error, naming the key
-        return True
-    return isinstance(module, str) and _within(module)
-
-
-def _leaves(node, prefix: str) -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every entry in nested dicts and lists."""
-    if isinstance(node, Mapping):
-        for key, value in node.items():
-            yield from _leaves(value, f"{prefix}.{key}")
-        return
-    if isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from _leaves(value, f"{prefix}[{i}]")
-        return
-    yield prefix, node
-
-
-def check_stored_config(config: Mapping, path: Path, trust: bool = False) -> None:
-    """The run config stored in a checkpoint has the sections eval.py builds, each with a `_target_` (memory:
-    its mechanisms); without trust, it builds nothing but stm's classes and torch optimizers, and asks no
-    library to run code it downloads (`trust_remote_code`)."""
-    where = f"the stm config stored in {path}"
-    for section in STORED_SECTIONS:
-        value = config.get(section)
-        if not isinstance(value, Mapping) or not value:
-            state = "has no" if value is None else "has an empty" if isinstance(value, Mapping) else \
-                f"has a {type(value).__name__} for its"
-            raise ConfigError(f"ckpt_path: {where} {state} '{section}' section (checkpoint key stm.config.{section}); "
-                              f"a checkpoint of stm's train.py stores {', '.join(STORED_SECTIONS)}")
-        if section != "memory" and not value.get("_target_"):
-            raise ConfigError(f"ckpt_path: {where} has no '{section}._target_' (checkpoint key "
-                              f"stm.config.{section}._target_): nothing says what to build for {section}")
-    if trust:
-        return
-    for section in STORED_SECTIONS:
-        for key, value in _leaves(config[section], section):
-            name = key.rsplit(".", 1)[-1]
-            if name == "_target_" and not _builds_known_code(value):
-                raise UntrustedCheckpointError(
-                    f"ckpt_path: refused to evaluate {path}: {where} builds {key}={value}, which is not one of "
-                    f"{', '.join(BUILT_FROM)}, so building it would run code that the checkpoint chose. "
-                    f"{TRUST_HINT}.")
-            if name == "trust_remote_code" and value:
-                raise UntrustedCheckpointError(
-                    f"ckpt_path: refused to evaluate {path}: {where} sets {key}={value}, which runs code downloaded "
-                    f"with the model or data. {TRUST_HINT}.")
-
-
-def without_retired_keys(config: Mapping, path: Path) -> dict:
-    """The stored config without the keys of `RETIRED_KEYS` that an older stm wrote into the sections eval.py
-    builds (task.n_segments), each dropped with a warning: a checkpoint cannot be edited, and what such a key
-    set (the chunk length) is stored resolved in its data section."""
-    config = {key: dict(value) if isinstance(value, Mapping) else value for key, value in config.items()}
-    for key in RETIRED_KEYS:
-        section, name = key.rsplit(".", 1)
-        if section in STORED_SECTIONS and name in config[section]:
-            del config[section][name]
-            log.warning("ckpt_path: %s stores %s, which stm no longer takes; left out (%s %s)", path, key, key,
-                        RETIRED_KEYS[key])
-    return config
-
-
-def load_checkpoint_config(ckpt_path: str | Path, trust: bool = False) -> tuple[DictConfig, dict]:
-    """The run config and validation metrics that stm stored in a checkpoint, read as plain data
-    (`stm.app.resume.read_checkpoint`) and checked (`check_stored_config`)."""
-    path = Path(ckpt_path).expanduser()
-    checkpoint = read_checkpoint(path, trust=trust)
-    stm_info = checkpoint.get("stm")
-    if not isinstance(stm_info, Mapping) or not stm_info.get("config"):
-        raise ValueError(f"ckpt_path: {path} is not an stm checkpoint (no 'stm' config stored in it); "
-                         f"it must come from stm's train.py")
-    config = stm_info["config"]
-    if isinstance(config, DictConfig):  # an older stm's checkpoint, read with trust_checkpoint=true
-        config = OmegaConf.to_container(config, resolve=True)
-    if not isinstance(config, Mapping):
-        raise ValueError(f"ckpt_path: the stm config stored in {path} (checkpoint key stm.config) is a "
-                         f"{type(config).__name__}, not a mapping of config sections")
-    check_stored_config(config, path, trust)
-    config = without_retired_keys(config, path)
-    recorded = stm_info.get("val_metrics") or {}
-    return OmegaConf.create(dict(config)), dict(recorded) if isinstance(recorded, Mapping) else {}
-
-
-# the sections of the composed config that a checkpoint's stored run config replaces (and `experiment`, which sets them)
-REPLACED_BY_CHECKPOINT = (*STORED_SECTIONS, "experiment")
-
-
-def _command_line_overrides() -> list[str]:
-    """The overrides of the current Hydra job (none outside one, e.g. on the other ranks of a DDP job)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
-
-
-def _override_section(override: str) -> str:
-    """The top-level config key an override sets: `memory=xl` -> memory, `source@data.val_source=x` -> data."""
-    key = override.split("=", 1)[0].lstrip("+~")
-    if "@" in key:
-        key = key.split("@", 1)[1]
-    return key.split(".", 1)[0].split("/", 1)[0]
-
-
-def refuse_section_overrides(ckpt_path) -> None:
-    """With a checkpoint, model, memory, task, tokenizer and data come from the run config stored in it: an
-    override of them on the command line would be silently unused, so it is an error that says what to do."""
-    ignored = [o for o in _command_line_overrides() if _override_section(o) in REPLACED_BY_CHECKPOINT]
-    if ignored:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path}: {', '.join(ignored)} would not be used: with a checkpoint, "
-            f"{', '.join(STORED_SECTIONS)} come from the run config stored in it. Change its data with "
-            f"+data_overrides.<key>=<value>, or drop ckpt_path to evaluate the configured model as it is")
 
 
 def check_trained(task: torch.nn.Module, cfg: DictConfig) -> list[str]:
