@@ -11,7 +11,7 @@ of 256), reads batches of 4 samples of 2048 tokens, float32, and takes one AdamW
            Transformer-XL memories (max_mem_len=512, 4 segments of 512 passing mems / return_mems)
            local-attention (lucidrains) LocalTransformer over 2048: blocked sliding-window attention
            (window_size=511, look_backward=1, exact_windowsize=True: itself and the 511 before it, see
-           _build_la_local)
+           _build_la_local in train_speed_peers.py)
            recurrent-memory-transformer-pytorch: RecurrentMemoryTransformer (16 memory tokens, seq_len 512)
            through its RecurrentMemoryTransformerWrapper over 4 segments
            Hugging Face LlamaForCausalLM (attn_implementation="sdpa") over 2048 tokens
@@ -41,12 +41,13 @@ import argparse
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from train_speed_peers import d_ff_of  # noqa: E402
+from train_speed_systems import KERNEL_OPS, TrainSystem  # noqa: E402
 
 OURS = ("none", "full", "rmt", "armt", "xl", "swa")
 PEERS = ("xt-full", "xt-local", "la-local", "xt-xl", "rmt-pytorch", "hf-llama")
@@ -64,252 +65,11 @@ GOAL_RATIO = 1.3
 OWN_BASELINES = {
     "armt": ("rmt", 1.25),
 }
-# the compute kernels every system calls: dense matmuls, and (matched by name) SDPA's fused attention ops,
-# forward and backward
-KERNEL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 FULL_SHAPE = dict(vocab_size=256, d_model=256, n_layers=6, n_heads=4, segment_len=512, n_segments=4, batch=4,
                   memory_tokens=16, mem_len=512, window=512, key_dim=32, nu=3)
 QUICK_SHAPE = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=2, segment_len=64, n_segments=4, batch=2,
                    memory_tokens=4, mem_len=64, window=64, key_dim=32, nu=3)
-
-
-def d_ff_of(d_model: int) -> int:
-    """stm's default SwiGLU width (TransformerConfig): 8/3 * d_model rounded up to a multiple of 64."""
-    return 64 * math.ceil(d_model * 8 / 3 / 64)
-
-
-# ------------------------------------------------------------------------------ systems (in the worker)
-
-class TrainSystem:
-    """One system under test, built inside its worker process; `step()` is one optimizer step."""
-
-    def __init__(self, system: str, shape: dict, threads: int, seed: int = 0, lr: float = 3e-4,
-                 precision: str = "fp32"):
-        warnings.filterwarnings("ignore")
-        import torch
-
-        common.set_threads(threads)
-        torch.manual_seed(seed)
-        self.torch, self.system, self.shape = torch, system, shape
-        self.autocast_bf16 = precision == "bf16"  # weights and optimizer stay float32 (mixed precision)
-        seq = shape["segment_len"] * shape["n_segments"]
-        generator = torch.Generator().manual_seed(1234)  # the same batch for every system
-        stream = torch.randint(0, shape["vocab_size"], (shape["batch"], seq + 1), generator=generator)
-        self.stream, self.inputs, self.labels = stream, stream[:, :-1], stream[:, 1:]
-
-        build = getattr(self, "_build_" + system.replace("-", "_"), None) or self._build_stm
-        self.modules, self.run, self.description = build()
-        params = {id(p): p for m in self.modules for p in m.parameters()}
-        self.optimizer = torch.optim.AdamW(params.values(), lr=lr)
-        for m in self.modules:
-            m.train()
-        self.info = {
-            "params": sum(p.numel() for p in params.values()),
-            "tokens_per_step": shape["batch"] * seq,
-            "description": self.description,
-            "threads": torch.get_num_threads(),
-        }
-        self.losses: list[float] = []
-        self.peak = common.PeakMemory("cpu")
-        self.peak.start()
-
-    # each builder returns (modules whose parameters train, a function computing the loss, description)
-
-    def _build_stm(self):
-        from stm.loop.segments import run_segments
-        from stm.memory import (
-            AssociativeMemory,
-            FullAttention,
-            NoMemory,
-            RecurrentMemoryTokens,
-            SegmentRecurrence,
-            SlidingWindow,
-        )
-        from stm.models import Transformer
-
-        s = self.shape
-        model = Transformer(vocab_size=s["vocab_size"], d_model=s["d_model"], n_layers=s["n_layers"],
-                            n_heads=s["n_heads"], attention="sdpa")
-        memory = {
-            "none": lambda: NoMemory(),
-            "full": lambda: FullAttention(),
-            "rmt": lambda: RecurrentMemoryTokens(num_memory_tokens=s["memory_tokens"]),
-            # rmt's memory tokens plus an associative matrix in every layer (layers=None: all)
-            "armt": lambda: AssociativeMemory(num_memory_tokens=s["memory_tokens"], key_dim=s["key_dim"], nu=s["nu"],
-                                              layers=None),
-            "xl": lambda: SegmentRecurrence(mem_len=s["mem_len"]),
-            "swa": lambda: SlidingWindow(window=s["window"]),
-        }[self.system]()
-        memory.bind(model)
-
-        def loss():
-            return run_segments(model, memory, self.inputs, labels=self.labels, segment_len=s["segment_len"],
-                                bptt_depth=None).loss
-
-        # one line (a memory with submodules, as armt, would print its module tree)
-        what = f"{type(memory).__name__}({memory.extra_repr()})"
-        return [model, memory], loss, f"stm Transformer(attention='sdpa') + {what}"
-
-    def _xt_decoder_kwargs(self):
-        s = self.shape
-        return dict(dim=s["d_model"], depth=s["n_layers"], heads=s["n_heads"],
-                    attn_dim_head=s["d_model"] // s["n_heads"], attn_flash=True, rotary_pos_emb=True,
-                    use_rmsnorm=True, ff_glu=True, ff_swish=True, ff_mult=d_ff_of(s["d_model"]) / s["d_model"],
-                    ff_no_bias=True)
-
-    def _cross_entropy(self, logits, labels):
-        F = self.torch.nn.functional
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-
-    def _build_xt_full(self, **attn_kwargs):
-        from x_transformers import Decoder, TransformerWrapper
-
-        s = self.shape
-        seq = s["segment_len"] * s["n_segments"]
-        model = TransformerWrapper(num_tokens=s["vocab_size"], max_seq_len=seq, use_abs_pos_emb=False,
-                                   tie_embedding=True, attn_layers=Decoder(**self._xt_decoder_kwargs(), **attn_kwargs))
-
-        def loss():
-            return self._cross_entropy(model(self.inputs), self.labels)
-
-        what = f"local attention, attn_max_attend_past={attn_kwargs['attn_max_attend_past']}" if attn_kwargs \
-            else "full causal attention"
-        return [model], loss, f"x-transformers TransformerWrapper(Decoder) over {seq} tokens, {what}"
-
-    def _build_xt_local(self):
-        # a query sees keys at distance <= max_attend_past: itself and the window - 1 before it
-        return self._build_xt_full(attn_max_attend_past=self.shape["window"] - 1)
-
-    def _build_la_local(self):
-        """local-attention's LocalTransformer: causal attention in blocks of `window_size` tokens, each block's
-        queries against its own block and the `look_backward` blocks before it. With exact_windowsize=True (its
-        LocalMHA's default) a key is kept when it is at most window_size * look_backward positions before the
-        query, so a query sees itself and the window_size * look_backward tokens before it. Our window of W (each
-        token sees itself and the W - 1 before it) is therefore window_size * look_backward = W - 1: here
-        window_size=511, look_backward=1. That is exactly our window, for every token, the first ones included
-        (a token near the start sees all the tokens before it, as ours). 511 does not divide 2048, so LocalMHA
-        pads the sequence at the end to 2555 (its autopad, always on): the padding only adds positions after
-        every real query (the causal mask hides them from it) and is cut off the output, but its queries are
-        computed too (25% more attention rows). The power-of-two configuration window_size=512, look_backward=1
-        pads nothing but lets a query see 512 tokens before it (a window of 513), and without exact_windowsize
-        a query sees between 513 and 1024 keys (the whole previous block). The other exact factoring of 511
-        (window_size=73, look_backward=7) pads less but copies every key and value 8 times.
-
-        Shapes that differ where the package does not let us choose: a learned absolute position embedding
-        (max_seq_len x width, on top of the rotary embedding inside the attention), LayerNorm instead of RMSNorm,
-        GEGLU instead of SwiGLU (same width), an untied output layer. One residual stream
-        (num_residual_streams=1: no hyper-connections), as everyone else."""
-        from local_attention import LocalTransformer
-
-        s = self.shape
-        seq = s["segment_len"] * s["n_segments"]
-        window, look_backward = s["window"] - 1, 1
-        d_ff = d_ff_of(s["d_model"])
-        model = LocalTransformer(
-            num_tokens=s["vocab_size"], max_seq_len=seq, dim=s["d_model"], depth=s["n_layers"], causal=True,
-            local_attn_window_size=window, look_backward=look_backward, exact_windowsize=True,
-            dim_head=s["d_model"] // s["n_heads"], heads=s["n_heads"],
-            ff_mult=d_ff * 3 / (2 * s["d_model"]),  # its GEGLU width is int(dim * mult * 2 / 3)
-            num_residual_streams=1,
-        )
-
-        def loss():
-            return self._cross_entropy(model(self.inputs), self.labels)
-
-        return [model], loss, (f"local-attention LocalTransformer over {seq} tokens, local_attn_window_size={window}, "
-                               f"look_backward={look_backward}, exact_windowsize=True: itself and the "
-                               f"{window * look_backward} before it")
-
-    def _build_xt_xl(self):
-        from x_transformers import Decoder, TransformerWrapper
-
-        s = self.shape
-        model = TransformerWrapper(num_tokens=s["vocab_size"], max_seq_len=s["segment_len"],
-                                   max_mem_len=s["mem_len"], use_abs_pos_emb=False, tie_embedding=True,
-                                   attn_layers=Decoder(**self._xt_decoder_kwargs()))
-        L = s["segment_len"]
-
-        def loss():
-            mems, total = None, 0.0
-            for k in range(s["n_segments"]):
-                logits, mems = model(self.inputs[:, k * L:(k + 1) * L], mems=mems, return_mems=True)
-                total = total + self._cross_entropy(logits, self.labels[:, k * L:(k + 1) * L])
-            return total / s["n_segments"]
-
-        return [model], loss, (f"x-transformers TransformerWrapper(max_mem_len={s['mem_len']}) over "
-                               f"{s['n_segments']} segments of {L}, passing mems/return_mems (detached)")
-
-    def _build_rmt_pytorch(self):
-        from recurrent_memory_transformer_pytorch import RecurrentMemoryTransformer, RecurrentMemoryTransformerWrapper
-
-        s = self.shape
-        d_ff = d_ff_of(s["d_model"])
-        transformer = RecurrentMemoryTransformer(
-            s["d_model"], num_tokens=s["vocab_size"], depth=s["n_layers"], heads=s["n_heads"],
-            dim_head=s["d_model"] // s["n_heads"], num_memory_tokens=s["memory_tokens"], seq_len=s["segment_len"],
-            causal=True, ff_mult=d_ff * 3 / (2 * s["d_model"]),  # its GEGLU width is int(dim * mult * 2 / 3)
-            use_flash_attn=True, abs_pos_emb=False, rotary_pos_emb=True,
-            use_xl_memories=False,  # plain RMT: the wrapper never feeds XL memories back anyway
-            num_residual_streams=1,  # no hyper-connections: one residual stream, as everyone else
-        )
-        wrapper = RecurrentMemoryTransformerWrapper(transformer)
-
-        def loss():
-            out, _ = wrapper(self.stream, return_loss=True)  # it splits off the labels itself
-            return out
-
-        return [wrapper], loss, (f"recurrent-memory-transformer-pytorch RecurrentMemoryTransformerWrapper, "
-                                 f"{s['memory_tokens']} memory tokens, seq_len {s['segment_len']}, "
-                                 f"{s['n_segments']} segments, full BPTT")
-
-    def _build_hf_llama(self):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        s = self.shape
-        seq = s["segment_len"] * s["n_segments"]
-        config = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["d_model"],
-                             intermediate_size=d_ff_of(s["d_model"]), num_hidden_layers=s["n_layers"],
-                             num_attention_heads=s["n_heads"], num_key_value_heads=s["n_heads"],
-                             max_position_embeddings=seq, tie_word_embeddings=True, attn_implementation="sdpa")
-        model = LlamaForCausalLM(config)
-
-        def loss():
-            return self._cross_entropy(model(input_ids=self.inputs, use_cache=False).logits, self.labels)
-
-        return [model], loss, f"transformers LlamaForCausalLM (sdpa) over {seq} tokens, full causal"
-
-    def step(self) -> dict:
-        start = time.perf_counter()
-        with self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.autocast_bf16):
-            loss = self.run()
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - start
-        self.losses.append(float(loss.detach()))
-        return {"seconds": seconds, "loss": self.losses[-1]}
-
-    def profile(self) -> dict:
-        """One more training step under the profiler: the time spent inside the matmul and fused-attention
-        kernels (self time, wall clock of the calling thread), which no rewrite around them can remove."""
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            self.step()
-        kernels, total = {}, 0.0
-        for event in prof.key_averages():
-            total += event.self_cpu_time_total / 1e6
-            if event.key in KERNEL_OPS or "scaled_dot_product" in event.key:
-                kernels[event.key] = kernels.get(event.key, 0.0) + event.self_cpu_time_total / 1e6
-        return {"kernel_s": sum(kernels.values()), "profiled_step_s": total, "kernels_s": kernels}
-
-    def memory(self) -> dict:
-        return self.peak.record()
-
-    def trim(self) -> int:
-        common.release_free_memory()
-        return common.rss_bytes()
 
 
 # -------------------------------------------------------------------------------------------- driver
