@@ -10,7 +10,9 @@ Peak memory on CPU: torch's allocations are invisible to tracemalloc, so we read
 set instead. Each worker takes its resident size after imports and model build as a baseline, resets the
 kernel's high-water mark (`/proc/self/clear_refs`, Linux >= 4.0) and later reports high-water minus
 baseline: the *peak extra memory* of the work, on top of the code and weights it needs anyway. On CUDA it
-is `torch.cuda.max_memory_allocated` after `torch.cuda.reset_peak_memory_stats`.
+is `torch.cuda.max_memory_allocated` after `torch.cuda.reset_peak_memory_stats`. Where the resident set is
+too coarse (the allocator keeps and reuses pages), `LiveTensorBytes` counts the bytes of tensor storage alive at
+once, on any device.
 """
 
 from __future__ import annotations
@@ -240,6 +242,79 @@ class PeakMemory:
             "method": "cuda.max_memory_allocated" if self.device.startswith("cuda") else "rss_high_water",
             "high_water_reset": self.exact_reset,
         }
+
+
+class LiveTensorBytes:
+    """Peak bytes of tensor storage alive at once while the `with` block runs: the working memory of the
+    tensors themselves, free of the allocator's caching, fragmentation and page reuse that blur the resident set.
+
+        with LiveTensorBytes() as live:
+            model(ids)
+        live.peak          # bytes, above what was alive before the block
+
+    Counted with a `TorchDispatchMode`, which sees every aten operation (CPU or GPU): each storage an operation
+    creates is added when the operation returns (its inputs are still alive then, so the peak covers them both)
+    and taken off when the storage is freed (a weak reference's callback). Storages that existed before the
+    block (weights, the input) are not counted, nor views or in-place results of them. Not seen: scratch memory
+    a kernel allocates and frees inside one operation (e.g. the blocks of a fused attention kernel), and
+    tensors made outside torch's operations. `peak_op` names the operation at which the peak was reached.
+    """
+
+    def __init__(self):
+        self.current = 0
+        self.peak = 0
+        self.peak_op: str | None = None
+        self.n_storages = 0
+        self._live: dict[int, Any] = {}
+        self._mode = None
+
+    def __enter__(self) -> LiveTensorBytes:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter._add(func, out, args, kwargs)
+                return out
+
+        self._mode = _Count()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        self._mode = None
+
+    def _add(self, func, out, args, kwargs) -> None:
+        import weakref
+
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs or {}))
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in inputs or key in self._live:
+                continue  # empty, a view or in-place result of an input, or already counted
+            self._live[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
+            self.current += size
+            self.n_storages += 1
+            if self.current > self.peak:
+                self.peak, self.peak_op = self.current, str(func)
+
+    def _free(self, key: int, size: int) -> None:
+        if self._live.pop(key, None) is not None:
+            self.current -= size
+
+    def record(self) -> dict[str, Any]:
+        return {"peak_live_bytes": self.peak, "peak_op": self.peak_op, "storages_made": self.n_storages,
+                "method": "live tensor storage (TorchDispatchMode + weak references)"}
 
 
 def release_free_memory() -> bool:
