@@ -261,8 +261,8 @@ class NextByteOracle(nn.Module):
             table[ord(a)] = ord(b)
         self.register_buffer("table", table)
 
-    def forward(self, input_ids, attention_mask=None, extras=None, logits_to_keep=0):
-        out = self.inner(input_ids, attention_mask=attention_mask, extras=extras)
+    def forward(self, input_ids, attention_mask=None, extras=None, logits_to_keep=0, keep_key_values=True):
+        out = self.inner(input_ids, attention_mask=attention_mask, extras=extras, keep_key_values=keep_key_values)
         logits = F.one_hot(self.table[input_ids], out.logits.shape[-1]).to(out.logits.dtype)
         logits = logits[:, logit_positions(logits_to_keep, input_ids.shape[1], device=logits.device)]
         return dataclasses.replace(out, logits=logits)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stm.loop.segments import run_segments
+from stm.loop.segments import reads_segment_outputs, run_segments
 from stm.memory.base import KeyValues, LayerMemory, Memory, SegmentExtras, State, select_rows
 
 
@@ -181,10 +181,13 @@ class SegmentDecoder:
 
     def _open(self, indices) -> None:
         """Read the final segment's tokens so far under the memory's extras (no write tokens): the next logits, and
-        with the cache the segment's keys/values after the memory's."""
+        with the cache the segment's keys/values after the memory's. The rows of a group have tails of one length
+        (unpadded), so the next logits are the last position's: the lm head runs there only (`logits_to_keep=1`),
+        and the keys/values are kept only for the cache."""
         for group in self._together(indices):
             extras = replace(self.memory.prepare(cat_states([self.rows[i].state for i in group])), suffix=None)
-            out = self.model(torch.cat([self.rows[i].tail for i in group]), extras=extras)
+            out = self.model(torch.cat([self.rows[i].tail for i in group]), extras=extras, logits_to_keep=1,
+                             keep_key_values=self.use_cache)
             for j, i in enumerate(group):
                 row = self.rows[i]
                 row.logits = out.logits[j, -1]
@@ -202,11 +205,13 @@ class SegmentDecoder:
 
     def _push(self, indices) -> None:
         """Rows whose final segment is full: read it with the memory's write tokens into the memory state; what
-        is left of the tail begins the next segment."""
+        is left of the tail begins the next segment (no logits are needed here: the lm head does not run)."""
         seg = self.segment_len
+        no_logits = torch.zeros(0, dtype=torch.long, device=self.device)
         for group in self._together(indices):
             state = cat_states([self.rows[i].state for i in group])
-            out = self.model(torch.cat([self.rows[i].tail[:, :seg] for i in group]), extras=self.memory.prepare(state))
+            out = self.model(torch.cat([self.rows[i].tail[:, :seg] for i in group]), extras=self.memory.prepare(state),
+                             logits_to_keep=no_logits, keep_key_values=reads_segment_outputs(self.memory))
             state = self.memory.update(state, out)
             for j, i in enumerate(group):
                 row = self.rows[i]

@@ -91,12 +91,14 @@ def run_segments(
     if state is None:
         state = memory.init_state(B, input_ids.device)
     bounds = segment_bounds(T, segment_len if memory.segmented else None)
+    keep_key_values = reads_segment_outputs(memory)
 
     nll_parts, logit_parts, aux_losses = [], [], {}
     for k, (start, end) in enumerate(bounds):
         segment_mask = attention_mask[:, start:end] if attention_mask is not None else None
         segment_labels = labels[:, start:end] if labels is not None else None
-        args = (model, input_ids[:, start:end], segment_mask, memory.prepare(state), segment_labels, return_logits)
+        args = (model, input_ids[:, start:end], segment_mask, memory.prepare(state), segment_labels, return_logits,
+                keep_key_values)
         if checkpoint_segments and torch.is_grad_enabled():
             outputs, nll = checkpoint(_read_segment, *args, use_reentrant=False)
         else:
@@ -119,14 +121,26 @@ def run_segments(
     return SegmentRun(token_nll=token_nll, n_tokens=n_tokens, state=state, logits=logits, aux_losses=aux_losses)
 
 
-def _read_segment(model, input_ids, attention_mask, extras, labels, all_logits):
+def reads_segment_outputs(memory: Memory) -> bool:
+    """Whether `memory` may read what the backbone gives for a segment (its keys/values above all): False when
+    neither its `update` nor its `auxiliary_losses` is its own, since the base class's take nothing from the
+    outputs (`FullAttention`, which reads everything in one segment, and `NoMemory`). Then the backbone need not
+    keep every layer's keys/values to the end of the segment (`keep_key_values=False`): at 32K tokens under
+    memory=full they were most of the working memory."""
+    kind = type(memory)
+    return kind.update is not Memory.update or kind.auxiliary_losses is not Memory.auxiliary_losses
+
+
+def _read_segment(model, input_ids, attention_mask, extras, labels, all_logits, keep_key_values=True):
     """One segment through the backbone: (outputs, per-token NLL (B, T) or None).
 
     Unless `all_logits`, the backbone computes logits only where some row has a label (none without labels):
     with a large vocabulary the lm head and its logits (B, T, V) are most of a segment's cost when the loss is
-    taken at a few answer tokens. `outputs.logits` then holds those positions only."""
+    taken at a few answer tokens. `outputs.logits` then holds those positions only. Without `keep_key_values`
+    the backbone frees each layer's keys/values after the layer (`outputs.present_key_values` is empty)."""
     keep = 0 if all_logits else _labelled_positions(labels, input_ids.shape[1])
-    outputs = model(input_ids, attention_mask=attention_mask, extras=extras, logits_to_keep=keep)
+    outputs = model(input_ids, attention_mask=attention_mask, extras=extras, logits_to_keep=keep,
+                    keep_key_values=keep_key_values)
     if labels is None:
         return outputs, None
     kept_labels = labels if isinstance(keep, int) else labels[:, keep]

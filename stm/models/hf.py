@@ -241,12 +241,18 @@ class HFCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         extras: SegmentExtras | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        keep_key_values: bool = True,
     ) -> BackboneOutput:
         """Read one segment (see `stm.models.Transformer.forward`: same arguments, same output).
 
-        logits_to_keep: which of the segment's T positions get logits (0 = all, n = the last n, 1-D positions):
-                        the lm head runs only there (at 32K tokens of a 49,152-token vocabulary all logits are
-                        6 GiB)."""
+        logits_to_keep:  which of the segment's T positions get logits (0 = all, n = the last n, 1-D positions):
+                         the lm head runs only there (at 32K tokens of a 49,152-token vocabulary all logits are
+                         6 GiB).
+        keep_key_values: False when no one reads this segment's keys/values: without cached keys the model then
+                         runs without a cache (use_cache=False), and `present_key_values` is empty ([]).
+
+        Only the last hidden state is kept (a hook on the decoder stack), not every layer's, which
+        output_hidden_states would keep alive to the end (31 x 576 floats a token for SmolLM2)."""
         from transformers import DynamicCache
 
         extras = extras if extras is not None else SegmentExtras()
@@ -260,42 +266,46 @@ class HFCausalLM(nn.Module):
                                     window=extras.window, n_sink=extras.n_sink, n_prefix=extras.n_memory_tokens,
                                     prefix_start=extras.memory_start)
 
+        use_cache = keep_key_values or n_past > 0
         cos = sin = None
-        if self.rotary is not None:
+        if self.rotary is not None and use_cache:  # to rotate cached keys, and to unrotate the kept ones
             cos, sin = self._cos_sin(n_past + L, x.device)
-        cache = DynamicCache()
+        cache = DynamicCache() if use_cache else None
         for i, (k, v) in enumerate(extras.past_key_values or []):
             k = k.to(x.dtype)
             if cos is not None:  # the model caches rotated keys: rotate ours to positions 0 .. n_past - 1
                 k = rotate(k, cos[:, :n_past], sin[:, :n_past])
             cache.update(k, v.to(x.dtype), i)
 
-        layer_outputs = {}
+        layer_outputs, final = {}, []
         hooks = self._layer_memory_hooks(extras, layer_outputs) if extras.layer_memory is not None else []
+        decoder = self.causal_lm.base_model  # the decoder stack, whose output is the last hidden state (normed)
+        if decoder is not self.causal_lm:
+            hooks.append(decoder.register_forward_hook(lambda module, args, output: final.append(output[0])))
         try:
             out = self.causal_lm(  # LoRA: its adapted layers are inside it
                 inputs_embeds=x,
                 attention_mask=self._model_mask(mask, x.dtype),
                 position_ids=torch.arange(n_past, n_past + L, device=x.device)[None],
-                use_cache=True,
-                output_hidden_states=True,
+                use_cache=use_cache,
+                output_hidden_states=decoder is self.causal_lm,  # only without a decoder stack to hook
                 return_dict=True,
                 logits_to_keep=self._keep_index(logits_to_keep, P, T, x.device),
-                **{self._cache_arg: cache},
+                **({self._cache_arg: cache} if use_cache else {}),
             )
         finally:
             for handle in hooks:
                 handle.remove()
 
         presents = []
-        for layer in cache.layers:
+        for layer in cache.layers if keep_key_values else ():
             k, v = layer.keys[:, :, n_past:], layer.values[:, :, n_past:]
             if cos is not None:  # back to stm's convention: unrotated
                 k = rotate(k, cos[:, n_past:], sin[:, n_past:], inverse=True)
             presents.append((k, v))
         return BackboneOutput(
             logits=out.logits,
-            hidden_states=out.hidden_states[-1],  # after the final norm
+            hidden_states=final[0] if final else out.hidden_states[-1],  # after the final norm
             present_key_values=presents,
             attention_mask=attention_mask.bool() if attention_mask is not None else None,
             n_prefix=P,

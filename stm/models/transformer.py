@@ -22,6 +22,7 @@ from stm.memory.base import BackboneOutput, SegmentExtras, read_layer_memory
 from stm.models.attention import (
     BandedLayout,
     apply_rotary,
+    apply_rotary_,
     banded_attention,
     build_attention_mask,
     flex_attention,
@@ -82,35 +83,41 @@ class Attention(nn.Module):
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, mask, past_kv):
+    def forward(self, x, cos, sin, mask, past_kv, keep_key_values: bool = True):
         """x (B, L, D); cos/sin (n_past + L, head_dim); mask: a bool tensor (B, 1, L, n_past + L), a flex
         BlockMask, or None (plain causal).
 
-        Returns the attention output (B, L, D) and this segment's unrotated (keys, values), each (B, H, L, hd).
+        Returns the attention output (B, L, D) and this segment's unrotated (keys, values), each (B, H, L, hd),
+        or None when not `keep_key_values`. Without autograd (no_grad, or nothing requiring gradients) rotary
+        is applied in place, the kept keys/values are copied out of the fused projection (so that it and its
+        queries are freed after the layer, not kept alive with the cache) and nothing else outlives its use;
+        the numbers are the same either way.
         """
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        present = (k, v)
+        qkv = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim)
+        in_place = not qkv.requires_grad
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        present = None
+        if keep_key_values:  # (B, H, L, hd) each: a copy without autograd, else views of the projection
+            present = tuple(qkv[:, :, 1:].clone().permute(2, 0, 3, 1, 4)) if in_place else (k, v)
+        del qkv
         if past_kv is not None:
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
         n_past = k.shape[2] - L
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast q/k/v are bf16 while x is float32
-        q = apply_rotary(q, cos[n_past:], sin[n_past:])
-        k = apply_rotary(k, cos, sin)
+        rotate = apply_rotary_ if in_place else apply_rotary
+        q = rotate(q, cos[n_past:], sin[n_past:])
+        k = rotate(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
         if isinstance(mask, BandedLayout):
             y = banded_attention(q, k, v, mask, dropout_p)
-            return self.out(y.transpose(1, 2).reshape(B, L, D)), present
-        if mask is not None and not isinstance(mask, torch.Tensor):  # a flex BlockMask
+        elif mask is not None and not isinstance(mask, torch.Tensor):  # a flex BlockMask
             y = flex_attention(q, k, v, mask)
-            return self.out(y.transpose(1, 2).reshape(B, L, D)), present
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None and n_past == 0,
-            dropout_p=dropout_p,
-        )
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n_past == 0,
+                                               dropout_p=dropout_p)
+        del q, k, v  # the projection goes before the output projection is made
         return self.out(y.transpose(1, 2).reshape(B, L, D)), present
 
 
@@ -121,7 +128,11 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x):
+        """x (B, L, D) -> (B, L, D). Without autograd the activation and the product are computed in place, in
+        the gate's half of the (B, L, 2 * d_ff) projection (the same numbers, half the memory)."""
         gate, up = self.gate_up(x).chunk(2, dim=-1)
+        if not gate.requires_grad:
+            return self.down(F.silu(gate, inplace=True).mul_(up))
         return self.down(F.silu(gate) * up)
 
 
@@ -134,11 +145,20 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask, past_kv):
-        attended, present = self.attn(self.attn_norm(x), cos, sin, mask, past_kv)
-        x = x + self.drop(attended)
-        x = x + self.drop(self.mlp(self.mlp_norm(x)))
+    def forward(self, x, cos, sin, mask, past_kv, keep_key_values: bool = True):
+        attended, present = self.attn(self.attn_norm(x), cos, sin, mask, past_kv, keep_key_values)
+        x = _residual(x, self.drop(attended))
+        del attended  # not kept alive through the feed-forward
+        x = _residual(x, self.drop(self.mlp(self.mlp_norm(x))))
         return x, present
+
+
+def _residual(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x + update. Outside autograd, and where the sum keeps update's dtype, it is written into `update` (a fresh
+    tensor the caller gives up): the same sum, without a third tensor of the stream's size."""
+    if update.requires_grad or x.requires_grad or update.dtype != x.dtype:
+        return x + update
+    return update.add_(x)
 
 
 class Transformer(nn.Module):
@@ -190,14 +210,18 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         extras: SegmentExtras | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        keep_key_values: bool = True,
     ) -> BackboneOutput:
         """Read one segment.
 
-        input_ids:      (B, T) token ids.
-        attention_mask: (B, T), 1/True at real tokens, 0/False at padding; None means no padding.
-        extras:         what the memory mechanism adds (see `SegmentExtras`).
-        logits_to_keep: which positions get logits (B, K, V), as in Hugging Face: 0 = all T, n = the last n,
-                        a 1-D LongTensor = those positions (an empty one: no logits, (B, 0, V)).
+        input_ids:       (B, T) token ids.
+        attention_mask:  (B, T), 1/True at real tokens, 0/False at padding; None means no padding.
+        extras:          what the memory mechanism adds (see `SegmentExtras`).
+        logits_to_keep:  which positions get logits (B, K, V), as in Hugging Face: 0 = all T, n = the last n,
+                         a 1-D LongTensor = those positions (an empty one: no logits, (B, 0, V)).
+        keep_key_values: False when no one will read this segment's keys/values (one segment under full
+                         attention, a memory that keeps nothing): each layer's are freed after the layer instead
+                         of all of them being kept to the end, and `present_key_values` is empty ([]).
         """
         extras = extras if extras is not None else SegmentExtras()
         B, T = input_ids.shape
@@ -227,12 +251,14 @@ class Transformer(nn.Module):
         write_layers = extras.layer_memory.write_layers if extras.layer_memory is not None else ()
         for i, block in enumerate(self.blocks):
             x = read_layer_memory(extras, i, x)
-            x, present = block(x, cos, sin, mask, past[i] if past else None)
-            presents.append(present)
+            x, present = block(x, cos, sin, mask, past[i] if past else None, keep_key_values)
+            if keep_key_values:
+                presents.append(present)
             if i in write_layers:
                 layer_outputs[i] = x
         hidden = self.norm(x)
-        logits = self.lm_head(hidden[:, logit_positions(logits_to_keep, T, offset=P, device=x.device)])
+        del x
+        logits = self.lm_head(hidden[:, logit_positions(logits_to_keep, T, offset=P, device=hidden.device)])
         return BackboneOutput(
             logits=logits,
             hidden_states=hidden,
