@@ -42,6 +42,7 @@ from stm.app.config import (
     validate_run_config,
     validate_train_config,
 )
+from stm.app.parameter_counts import parameter_counts, parameters_line
 from stm.app.resume import (
     RunGuard,
     checkpoint_dir,
@@ -112,9 +113,8 @@ def train(cfg: DictConfig) -> float | None:
                 warm_start(task, init_from, trust)
             for lg in loggers:
                 lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-            n_params = sum(p.numel() for p in model.parameters())
-            log.info("model: %s with %.2fM parameters; memory: %s", type(model).__name__, n_params / 1e6,
-                     type(parts["memory"]).__name__)
+            log.info("model: %s; memory: %s", type(model).__name__, type(parts["memory"]).__name__)
+            log.info("%s", parameters_line(parameter_counts(model, parts["memory"])))
             trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
         finally:
             _finish_wandb(loggers)
@@ -217,6 +217,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         seed_everything(cfg.get("seed"))
         parts = build_components(run_cfg)
         untrained = check_trained(parts["task"], cfg) if not ckpt_path else []
+        log.info("%s", parameters_line(parameter_counts(parts["model"], parts["memory"])))
         compile_backbone(parts["model"], OmegaConf.select(cfg, "run.compile", default=False))
         trainer, loggers = build_trainer(cfg)
         try:
