@@ -1,9 +1,12 @@
-"""Render benchmarks/results/*.json as markdown tables (stdout), and optionally into README.md.
+"""Render benchmarks/results/*.json as markdown tables (stdout), and optionally into README.md and
+benchmarks/README.md.
 
     python benchmarks/report.py                    # print every section
-    python benchmarks/report.py --write-readme     # also replace the README sections between markers
+    python benchmarks/report.py --write-readme     # also replace the sections between markers
 
-README sections are replaced only where both markers already exist, e.g.
+Each section is written into whichever of the two files holds its markers (README.md keeps the probes'
+headline tables, benchmarks/README.md the rest); a section whose markers are in neither is reported. Sections
+are replaced only where both markers already exist, e.g.
 
     <!-- bench:train_speed -->  ...  <!-- /bench:train_speed -->
     <!-- bench:train_speed_bf16 -->  ...  <!-- /bench:train_speed_bf16 -->
@@ -12,13 +15,15 @@ README sections are replaced only where both markers already exist, e.g.
 
 Each table names the command that produced it and the machine, torch version and threads it ran on.
 For every benchmark the full-size result (train_speed.json, ...) is used; its --quick/--smoke variant only
-when no full-size result exists (and the section says so).
+when no full-size result exists (and the section says so). Links in a section (the figures) are written
+relative to the repository root and made relative to the file they go into.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -344,11 +349,33 @@ RENDER = {"train_speed": render_train_speed, "train_speed_bf16": render_train_sp
           "horizon": render_horizon, "capacity": render_capacity, "babilong_zeroshot": render_babilong_zeroshot}
 
 
-def write_readme(readme: Path, sections: dict[str, str]) -> list[str]:
-    """Replace each section between its markers; returns the names replaced (others are left alone)."""
+LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
+
+
+def relink(body: str, root: Path, readme: Path) -> str:
+    """`body` with its markdown links (relative to the repository `root`) made relative to `readme`'s folder;
+    absolute paths, URLs and anchors stay as they are."""
+    folder = readme.resolve().parent
+    if folder == root.resolve():
+        return body
+
+    def fix(m: re.Match) -> str:
+        target = m.group(2)
+        if re.match(r"[a-z][a-z0-9+.-]*:|#|/", target):
+            return m.group(0)
+        return m.group(1) + Path(os.path.relpath(root.resolve() / target, folder)).as_posix() + m.group(3)
+
+    return LINK.sub(fix, body)
+
+
+def write_readme(readme: Path, sections: dict[str, str], root: Path | None = None) -> list[str]:
+    """Replace each section between its markers; returns the names replaced (others are left alone). With `root`
+    (the folder the sections' links are relative to), the links are made relative to `readme`."""
     text = readme.read_text()
     done = []
     for name, body in sections.items():
+        if root is not None:
+            body = relink(body, root, readme)
         pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->)(.*?)(<!-- /bench:{re.escape(name)} -->)", re.S)
         if pattern.search(text):
             text = pattern.sub(lambda m, body=body: f"{m.group(1)}\n{body}\n{m.group(3)}", text, count=1)
@@ -361,9 +388,14 @@ def write_readme(readme: Path, sections: dict[str, str]) -> list[str]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", default=str(common.RESULTS_DIR))
-    p.add_argument("--write-readme", action="store_true", help="fill the README sections between markers")
-    p.add_argument("--readme", default=str(common.REPO_ROOT / "README.md"))
+    p.add_argument("--write-readme", action="store_true",
+                   help="fill the sections between markers, in whichever --readme file holds them")
+    p.add_argument("--readme", action="append", default=None,
+                   help="a markdown file to fill (repeatable; default README.md and benchmarks/README.md)")
+    p.add_argument("--root", default=str(common.REPO_ROOT),
+                   help="the folder the sections' links are relative to (default the repository root)")
     args = p.parse_args(argv)
+    readmes = [Path(r) for r in args.readme or (common.REPO_ROOT / "README.md", common.BENCH_DIR / "README.md")]
 
     sections = {}
     for name in SECTIONS:
@@ -379,12 +411,15 @@ def main(argv=None) -> None:
         return
     print("\n\n".join(f"### {name}\n\n{body}" for name, body in sections.items()))
     if args.write_readme:
-        readme = Path(args.readme)
-        done = write_readme(readme, sections) if readme.is_file() else []
-        missing = [n for n in sections if n not in done]
-        print(f"\n{readme}: replaced {done or 'nothing'}"
-              + (f"; no markers for {missing} (add <!-- bench:NAME --> ... <!-- /bench:NAME -->)" if missing else ""),
-              file=sys.stderr)
+        written = set()
+        for readme in readmes:
+            done = write_readme(readme, sections, Path(args.root)) if readme.is_file() else []
+            written.update(done)
+            print(f"\n{readme}: replaced {done or 'nothing'}", file=sys.stderr)
+        missing = [n for n in sections if n not in written]
+        if missing:
+            print(f"no markers for {missing} in {', '.join(map(str, readmes))} (add <!-- bench:NAME --> ... "
+                  "<!-- /bench:NAME -->)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 results (never typed by hand)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,12 +14,62 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import report  # noqa: E402
 
 
-def test_readme_tables_are_the_reports_of_the_saved_results(tmp_path):
-    readme = tmp_path / "README.md"
+def copy_readmes(tmp_path: Path) -> tuple[Path, Path]:
+    """README.md and benchmarks/README.md copied into `tmp_path`, laid out as in the repository."""
+    readme, bench_readme = tmp_path / "README.md", tmp_path / "benchmarks" / "README.md"
+    bench_readme.parent.mkdir()
     shutil.copy(ROOT / "README.md", readme)
-    report.main(["--write-readme", "--readme", str(readme)])
-    assert readme.read_text() == (ROOT / "README.md").read_text(), (
-        "README.md differs from `python benchmarks/report.py --write-readme`: rerun it after a benchmark")
+    shutil.copy(ROOT / "benchmarks" / "README.md", bench_readme)
+    return readme, bench_readme
+
+
+def test_readme_tables_are_the_reports_of_the_saved_results(tmp_path):
+    readme, bench_readme = copy_readmes(tmp_path)
+    report.main(["--write-readme", "--readme", str(readme), "--readme", str(bench_readme), "--root", str(tmp_path)])
+    for written, original in ((readme, ROOT / "README.md"), (bench_readme, ROOT / "benchmarks" / "README.md")):
+        assert written.read_text() == original.read_text(), (
+            f"{original} differs from `python benchmarks/report.py --write-readme`: rerun it after a benchmark")
+
+
+def block(text: str, name: str) -> str:
+    return re.search(rf"<!-- bench:{name} -->\n(.*?)\n<!-- /bench:{name} -->", text, re.S).group(1)
+
+
+def test_write_readme_fills_each_block_in_the_file_that_holds_its_marker(tmp_path, capsys):
+    """Stale blocks in both files are replaced by the reports of the results, each in the file that holds its
+    markers, with the figures' links made relative to that file; the text around them stays; a result whose
+    markers are in neither file is named."""
+    readme, bench_readme = copy_readmes(tmp_path)
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("capacity.json", "train_speed.json", "babilong_zeroshot.json", "tokenize_throughput.json"):
+        shutil.copy(ROOT / "benchmarks" / "results" / name, results / name)
+    stale = {readme: ["capacity"], bench_readme: ["train_speed", "babilong_zeroshot"]}
+    for path, names in stale.items():
+        text = path.read_text()
+        for name in names:
+            text = text.replace(block(text, name), f"stale {name} table")
+        text = text.replace("<!-- bench:tokenize -->", "").replace("<!-- /bench:tokenize -->", "")
+        path.write_text(text)
+    before = {path: path.read_text() for path in stale}
+    report.main(["--write-readme", "--results-dir", str(results), "--readme", str(readme), "--readme",
+                 str(bench_readme), "--root", str(tmp_path)])
+    err = capsys.readouterr().err
+    data = {name: json.loads((results / f"{file}.json").read_text()) for name, file in
+            (("capacity", "capacity"), ("train_speed", "train_speed"), ("babilong_zeroshot", "babilong_zeroshot"))}
+    assert block(readme.read_text(), "capacity") == report.render_capacity(data["capacity"], False)
+    assert block(bench_readme.read_text(), "train_speed") == report.render_train_speed(data["train_speed"], False)
+    zeroshot = report.render_babilong_zeroshot(data["babilong_zeroshot"], False)
+    assert "](benchmarks/results/babilong_zeroshot.png)" in zeroshot
+    assert block(bench_readme.read_text(), "babilong_zeroshot") == zeroshot.replace(
+        "](benchmarks/results/babilong_zeroshot.png)", "](results/babilong_zeroshot.png)")
+    for path in stale:  # outside the blocks nothing changed
+        outside = re.sub(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", "", path.read_text(), flags=re.S)
+        assert outside == re.sub(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", "", before[path], flags=re.S)
+        assert "stale" not in path.read_text()
+    assert f"{readme}: replaced ['capacity']" in err
+    assert f"{bench_readme}: replaced ['train_speed', 'babilong_zeroshot']" in err
+    assert "no markers for ['tokenize']" in err
 
 
 def test_training_speed_benchmark_reports_kernel_time_and_ceiling(tmp_path):
