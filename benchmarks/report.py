@@ -43,6 +43,7 @@ SECTIONS = {  # README marker name -> (benchmark field, full-size file, small va
     "horizon": ("horizon", "horizon.json", "horizon_quick.json"),
     "capacity": ("horizon", "capacity.json", "capacity_quick.json"),
     "babilong_zeroshot": ("babilong_zeroshot", "babilong_zeroshot.json", "babilong_zeroshot_quick.json"),
+    "long_context": ("long_context", "long_context.json", "long_context_quick.json"),
 }
 
 
@@ -344,9 +345,97 @@ def render_babilong_zeroshot(data: dict, small: bool) -> str:
     return "\n".join(out)
 
 
+def render_long_context(data: dict, small: bool) -> str:
+    """Per length and system: read time, ms per generated token, peak memory, carried bytes, target ppl (hf's
+    projected points marked ~); then hf against each stm system per length, and the issue's goals."""
+    cfg, results = data["config"], data["results"]
+    systems = [s for s in cfg["systems"] if s in results]
+    stm_systems = [s for s in systems if s != "hf"]
+    untrained = [n for n, info in (data.get("systems") or {}).items() if info.get("untrained_parameters")]
+    out = [f"**Long-context decoding** ({data['config']['model']}, batch 1, {cfg['dtype']}): the context is the L "
+           f"tokens of {cfg['text']} before token {cfg['target_start']:,}; {cfg['new_tokens']} tokens generated "
+           f"greedily; stm reads it in segments of {cfg['segment_len']}, hf is `generate` with the whole context in "
+           f"its key/value cache. Read = time to the first next-token logits; ms/token = mean of the decoding steps "
+           f"after it; peak = resident-set high-water above the worker's size before the read; carried = live bytes "
+           f"of the caches/state at the end; target ppl = teacher-forced perplexity of the {cfg['new_tokens']} real "
+           f"tokens after the context. `~`: projected from hf's measured lengths (prefill quadratic, the rest "
+           f"linear; its point would have taken over {cfg['point_budget_s']:.0f} s)."
+           + (f" {', '.join(untrained)}: memory tokens untrained (cost only; its ppl means nothing)." if untrained
+              else ""), "", provenance(data, small), ""]
+
+    def cells(rec: dict | None) -> list[str]:
+        if not rec:
+            return ["–"] * 5
+        if "prefill_s" not in rec:
+            return ["failed: " + str(rec.get("error", "?")).splitlines()[0][:60]] + ["–"] * 4
+        mark = "~" if rec.get("projected") else ""
+        cache = rec.get("cache_bytes")
+        return [f"{mark}{fmt(rec['prefill_s'])}", f"{mark}{fmt(rec['decode_s_per_token'] * 1e3)}",
+                f"{mark}{fmt(common.mib(rec['peak_extra_bytes']))}", fmt(common.mib(cache)),
+                f"{rec['target_ppl']:.2f}" if rec.get("target_ppl") is not None else "–"]
+
+    rows = []
+    for n in cfg["lengths"]:
+        for name in systems:
+            per = results[name]  # {length: record}, or {"error": ...} where the system could not be built
+            rec = {"error": per["error"]} if isinstance(per.get("error"), str) else per.get(str(n))
+            rows.append([short_len(n), name + (" (projected)" if rec and rec.get("projected") else ""), *cells(rec)])
+    out.append(table(["context", "system", "read s", "ms / token", "peak MiB", "carried MiB", "target ppl"], rows))
+    comparisons = data.get("comparisons") or {}
+    if comparisons and stm_systems:
+        out += ["", "hf against stm at each length: hf's ms per generated token / ours (x faster), our peak memory / "
+                "hf's, our target ppl / hf's (full attention on the same text), greedy tokens equal to hf's (of "
+                f"{cfg['new_tokens']}); `~`: against hf's projection.", ""]
+        rows = []
+        for n in cfg["lengths"]:
+            row = [short_len(n)]
+            for name in stm_systems:
+                c = comparisons.get(str(n), {}).get(name)
+                if not c:
+                    row.append("–")
+                    continue
+                mark = "~" if c["hf_projected"] else ""
+                parts = [f"{mark}{c['speedup_per_token']:.1f}x faster"]
+                if c.get("memory_fraction") is not None:
+                    parts.append(f"{mark}{c['memory_fraction']:.2f} of the memory")
+                if c.get("ppl_ratio") is not None:
+                    parts.append(f"ppl {100 * (c['ppl_ratio'] - 1):+.1f}%")
+                if c.get("tokens_agree") is not None:
+                    parts.append(f"{c['tokens_agree']} tokens equal")
+                row.append(", ".join(parts))
+            rows.append(row)
+        out.append(table(["context", *stm_systems], rows))
+    goals = data.get("goals") or {}
+    lines = []
+    for name, g in goals.items():
+        said = []
+        if "flat" in g:
+            f = g["flat"]
+            said.append(f"{short_len(f['from_tokens'])} → {short_len(f['to_tokens'])} time/token "
+                        f"x{f['time_per_token']:.2f}, peak memory x{fmt(f['peak_memory'], 3)} (goal <= "
+                        f"x{cfg['goals']['flat_within']}: {fmt(f['met'])})")
+        for key, v in g.items():
+            if key.startswith(("speedup_", "memory_fraction_")):
+                what, n = key.rsplit("_", 1)
+                sign = ">=" if what == "speedup" else "<="
+                value = f"{v['value']:.1f}x" if what == "speedup" else f"{v['value']:.2f}"
+                projected = " (hf projected)" if v["hf_projected"] else ""
+                said.append(f"{what.replace('_', ' ')} at {short_len(int(n))} {value}{projected} (goal {sign} "
+                            f"{v['goal']}: {fmt(v['met'])})")
+        if "ppl" in g:
+            said.append(f"worst target ppl vs hf {100 * (g['ppl']['worst'] - 1):+.1f}% (goal within "
+                        f"{100 * (g['ppl']['goal'] - 1):.0f}%: {fmt(g['ppl']['met'])})")
+        if said:
+            lines.append(f"- `{name}`: " + "; ".join(said) + ".")
+    if lines:
+        out += ["", "Goals (issue #13):", "", *lines]
+    return "\n".join(out)
+
+
 RENDER = {"train_speed": render_train_speed, "train_speed_bf16": render_train_speed, "stream": render_stream,
           "stream_armt_1m": render_stream, "gpu": render_gpu, "tokenize": render_tokenize, "tasks": render_tasks,
-          "horizon": render_horizon, "capacity": render_capacity, "babilong_zeroshot": render_babilong_zeroshot}
+          "horizon": render_horizon, "capacity": render_capacity, "babilong_zeroshot": render_babilong_zeroshot,
+          "long_context": render_long_context}
 
 
 LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
