@@ -44,6 +44,8 @@ SECTIONS = {  # README marker name -> (benchmark field, full-size file, small va
     "capacity": ("horizon", "capacity.json", "capacity_quick.json"),
     "babilong_zeroshot": ("babilong_zeroshot", "babilong_zeroshot.json", "babilong_zeroshot_quick.json"),
     "long_context": ("long_context", "long_context.json", "long_context_quick.json"),
+    "full_attention_memory": ("full_attention_memory", "full_attention_memory.json",
+                              "full_attention_memory_quick.json"),
 }
 
 
@@ -432,10 +434,61 @@ def render_long_context(data: dict, small: bool) -> str:
     return "\n".join(out)
 
 
+def render_full_attention_memory(data: dict, small: bool) -> str:
+    """Per system and length: peak live tensor MiB / peak extra resident MiB / seconds; stm's figures before a
+    change (another run, `before`) beside them; stm against Hugging Face per length, and the goal."""
+    cfg, shape, lengths = data["config"], data["config"]["shape"], data["config"]["lengths"]
+
+    def cell(entry: dict | None) -> str:
+        if entry is None:
+            return "–"
+        if "live" not in entry:
+            return "failed: " + entry.get("error", "?").splitlines()[0][:60]
+        return (f"{common.mib(entry['live']['peak_live_bytes'])} / {common.mib(entry['rss']['peak_extra_bytes'])} / "
+                f"{entry['seconds']:.3g}")
+
+    out = [f"**Working memory of full attention** (one forward pass over random tokens, batch 1, no grad, "
+           f"{cfg['dtype']}, {shape['n_layers']} layers, width {shape['d_model']}, {shape['n_heads']} heads, SwiGLU "
+           f"{cfg['d_ff']}, vocab {shape['vocab_size']}, logits of every position; each system and length alone in "
+           "a fresh worker). Cells: peak live tensor MiB (storage alive at once, above weights and input) / peak "
+           "extra resident MiB / seconds.", "", provenance(data, small), ""]
+    before = data.get("before") or {}
+    rows = []
+    for name, per_length in data["results"].items():
+        rows.append([f"**{name}**" if name.startswith("stm") else name]
+                    + [cell(per_length.get(str(n))) for n in lengths])
+        if name in before.get("results", {}):
+            commits = {(e.get("stm") or {}).get("commit") or "?" for e in before["results"][name].values()}
+            rows.append([f"{name}, before (stm {', '.join(c[:10] for c in sorted(commits))})"]
+                        + [cell(before["results"][name].get(str(n))) for n in lengths])
+    out.append(table(["system"] + [short_len(n) for n in lengths], rows))
+    out += ["", "; ".join(f"`{name}`: {what}" for name, what in cfg["systems"].items()) + "."]
+    if before:
+        out += ["", f"Before: `{before.get('command')}`, {before.get('environment', {}).get('date', '?')}."]
+    ratios = [c for c in data.get("comparisons", []) if c["ours"] == "stm-full"]
+    if ratios:
+        out += ["", "stm-full over each Hugging Face system (peak live bytes; resident in brackets; < 1: stm smaller):",
+                ""]
+        peers = sorted({c["peer"] for c in ratios})
+        by = {(c["peer"], c["tokens"]): c for c in ratios}
+        out.append(table(["peer"] + [short_len(n) for n in lengths], [
+            [peer] + [f"{by[peer, n]['live_ratio']:.2f} ({fmt(by[peer, n]['rss_ratio'], 2)})" if (peer, n) in by
+                      else "–" for n in lengths] for peer in peers]))
+    if "meets_goal" in data:
+        out += ["", f"Goal: {data['goal']}: {'met' if data['meets_goal'] else 'not met'}."]
+    loads = [e["load_average_before"][0] for per_length in data["results"].values() for e in per_length.values()
+             if e.get("load_average_before")]
+    if loads:
+        out += ["", f"Load average (1 min) before each measurement: {min(loads)} to {max(loads)}: the seconds "
+                "are those of a shared CPU; the live bytes do not depend on it."]
+    return "\n".join(out)
+
+
 RENDER = {"train_speed": render_train_speed, "train_speed_bf16": render_train_speed, "stream": render_stream,
           "stream_armt_1m": render_stream, "gpu": render_gpu, "tokenize": render_tokenize, "tasks": render_tasks,
           "horizon": render_horizon, "capacity": render_capacity, "babilong_zeroshot": render_babilong_zeroshot,
-          "long_context": render_long_context}
+          "long_context": render_long_context,
+          "full_attention_memory": render_full_attention_memory}
 
 
 LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")

@@ -72,6 +72,32 @@ def test_write_readme_fills_each_block_in_the_file_that_holds_its_marker(tmp_pat
     assert "no markers for ['tokenize']" in err
 
 
+def test_full_attention_memory_benchmark_compares_live_bytes(tmp_path):
+    """`full_attention_memory.py --quick` with stm-full and hf-llama at 256 tokens: every position's logits, the
+    live and resident peaks, the ratio in the comparisons equal to the figures' quotient, and the goal judged on
+    them; merging a second run keeps the first's entries."""
+    def run(*args):
+        result = subprocess.run([sys.executable, "benchmarks/full_attention_memory.py", "--quick", "--lengths", "256",
+                                 "--results-dir", str(tmp_path), *args], cwd=ROOT, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((tmp_path / "full_attention_memory_quick.json").read_text())
+
+    run("--systems", "stm-full")
+    data = run("--systems", "hf-llama", "--merge")
+    assert list(data["results"]) == ["stm-full", "hf-llama"]
+    ours, peer = data["results"]["stm-full"]["256"], data["results"]["hf-llama"]["256"]
+    for entry in (ours, peer):
+        assert entry["logits_shape"] == [1, 256, 256] and entry["live"]["peak_live_bytes"] > 0
+        assert entry["rss"]["method"] == "rss_high_water"
+    [row] = data["comparisons"]
+    assert (row["ours"], row["peer"], row["tokens"]) == ("stm-full", "hf-llama", 256)
+    assert row["live_ratio"] == ours["live"]["peak_live_bytes"] / peer["live"]["peak_live_bytes"]
+    assert data["meets_goal"] == (ours["live"]["peak_live_bytes"] <= peer["live"]["peak_live_bytes"])
+    rendered = report.render_full_attention_memory(data, small=True)
+    assert f"| **stm-full** | {ours['live']['peak_live_bytes'] / 2**20:.1f} / " in rendered
+
+
 def test_training_speed_benchmark_reports_kernel_time_and_ceiling(tmp_path):
     """`train_speed.py --quick --precision fp32,bf16` on one of ours and one peer (Hugging Face Llama: the other
     peers come from benchmarks/requirements.txt): tokens/s from real steps, the profiled kernel time within the
