@@ -16,7 +16,7 @@ from stm.data.conditional import val_set_overrides
 from stm.data.probes import RecallSource, background_sentences
 from stm.data.tokenizers import ByteTokenizer
 from stm.tasks.probe import SCORES
-from stm.tasks.scores_by_length import accuracy_by_length
+from stm.tasks.scores_by_length import accuracy_by_length, lengths_table, mean_stderr
 
 TASKS = ["qa1", "qa2", "qa3", "qa4", "qa5"]
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "probes" / "babi_en10k").is_dir(),
@@ -213,6 +213,19 @@ def fake_run(folder, mechanism: str, seed: int, right: dict[tuple[str, str], lis
     (folder / "babilong.json").write_text(json.dumps(record))
 
 
+def test_mean_of_tasks_keeps_an_error_when_every_task_is_at_0_or_100_percent():
+    # five tasks, two questions each: one task all right, four all wrong -> mean 20%; the plug-in variances are
+    # all 0, the smoothed ones (1/4 resp. 3/4 right) are not: sqrt(5 * (3/16) / 2) / 5
+    metas = [{"set": "1K", "task": f"qa{t}"} for t in range(1, 6) for _ in range(2)]
+    values = [[1.0] if m["task"] == "qa1" else [0.0] for m in metas]
+    record = {"score": "first_sentence", **accuracy_by_length(metas, range(len(metas)), values, ["first_sentence"])}
+    mean = next(c for c in record["cells"] if c["task"] == "mean")
+    assert math.isclose(mean["accuracy"]["first_sentence"], 0.2)
+    assert math.isclose(mean["stderr"]["first_sentence"], math.sqrt(5 * 3 / 16 / 2) / 5)
+    assert "20.0±13.7 (10)" in lengths_table(record)
+    assert mean_stderr([]) is None and mean_stderr([(1, 0)]) is None
+
+
 def test_collector_pools_seeds_into_mechanism_task_length(tmp_path):
     fake_run(tmp_path / "sweep" / "0", "rmt", 0, {("512", "qa1"): [1, 1], ("512", "qa2"): [0, 1],
                                                   ("2048", "qa1"): [1, 0], ("2048", "qa2"): [0, 0]})
@@ -229,7 +242,8 @@ def test_collector_pools_seeds_into_mechanism_task_length(tmp_path):
     assert cells[("rmt", "512", "qa1")]["runs"] == 2
     assert math.isclose(cells[("rmt", "512", "qa1")]["stderr"], math.sqrt(0.75 * 0.25 / 4))
     assert math.isclose(cells[("rmt", "512", "mean")]["accuracy"], (0.75 + 0.75) / 2)
-    assert math.isclose(cells[("rmt", "2048", "mean")]["stderr"], math.sqrt(2 * 0.25 * 0.75 / 4) / 2)
+    # the mean's error from the smoothed per-task accuracies (1 + 1) / (4 + 2) = 1/3: sqrt(2 * (1/3)(2/3) / 4) / 2
+    assert math.isclose(cells[("rmt", "2048", "mean")]["stderr"], 1 / 6)
     assert cells[("none", "2048", "qa1")]["accuracy"] == 0.25 and ("none", "512", "mean") not in cells
     assert " 75.0±21.7 (4)" in result["table"] and result["table"].index("none") < result["table"].index("rmt")
     with pytest.raises(FileNotFoundError, match="no babilong.json"):

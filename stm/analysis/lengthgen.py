@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from stm.analysis.horizon import _order, _plain, find_runs, label_of, read_record
-from stm.tasks.scores_by_length import LENGTHS_FILE, _natural, binomial_stderr, lengths_table
+from stm.tasks.scores_by_length import LENGTHS_FILE, _natural, binomial_stderr, lengths_table, mean_stderr
 
 
 def load_run(path: str | Path) -> dict:
@@ -74,7 +74,7 @@ def lengthgen(runs: Sequence[dict], score: str | None = None) -> dict:
                 cells.append({"label": label, "mechanism": row[0]["mechanism"], "length": length, "task": "mean",
                               "n": sum(c["n"] for c in row), "n_tasks": len(row),
                               "accuracy": sum(c["accuracy"] for c in row) / len(row),
-                              "stderr": sum(c["stderr"] ** 2 for c in row) ** 0.5 / len(row),
+                              "stderr": mean_stderr([(c["correct"], c["n"]) for c in row]),
                               "runs": max(c["runs"] for c in row)})
     result = {"score": score, "lengths": lengths, "tasks": tasks, "labels": labels, "cells": cells,
               "length_unit": runs[0].get("length_unit"), "segment_len": runs[0].get("segment_len"),

@@ -62,6 +62,17 @@ def binomial_stderr(accuracy: float | None, n: int) -> float | None:
     return None if accuracy is None or n <= 0 else math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n)
 
 
+def mean_stderr(counts: Sequence[tuple[float, int]]) -> float | None:
+    """Standard error of the mean of several tasks' accuracies, from each task's (correct, n): sqrt(sum_t
+    v_t / n_t) / T, where v_t = q (1 - q) with q = (correct + 1) / (n + 2), the smoothed (Laplace) accuracy, so
+    that a task at 0% or 100% still adds its uncertainty (the plug-in p (1 - p) would add none: five tasks at 0
+    or 100% of 2 each would report a mean of, e.g., 20% with no error at all)."""
+    if not counts or any(n <= 0 for _, n in counts):
+        return None
+    variances = [q * (1 - q) / n for q, n in (((c + 1) / (n + 2), n) for c, n in counts)]
+    return math.sqrt(sum(variances)) / len(counts)
+
+
 def accuracy_by_length(metas: Sequence[dict], index: Sequence[int], values, scores: Sequence[str]) -> dict:
     """Accuracy per (set, task) of scored units: `index[k]` is unit k's example (its meta `metas[index[k]]`) and
     `values[k]` its scores, in the order of `scores`. Returns {"lengths": set names (in the order of their
@@ -94,8 +105,7 @@ def accuracy_by_length(metas: Sequence[dict], index: Sequence[int], values, scor
             cells.append({"length": length, "task": "mean", "n": sum(c["n"] for c in per_task),
                           "n_tasks": len(per_task),
                           "accuracy": {s: sum(c["accuracy"][s] for c in per_task) / len(per_task) for s in scores},
-                          "stderr": {s: math.sqrt(sum(c["stderr"][s] ** 2 for c in per_task)) / len(per_task)
-                                     for s in scores}})
+                          "stderr": {s: mean_stderr([(c["correct"][s], c["n"]) for c in per_task]) for s in scores}})
     return {"lengths": lengths, "tasks": tasks, "cells": cells}
 
 
