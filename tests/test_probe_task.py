@@ -209,7 +209,7 @@ def test_curriculum_names_the_stage_and_length_a_generator_refuses():
 # ------------------------------------------------------------------------------------ collecting runs
 
 def fake_run(folder: Path, mechanism: str, seed: int, correct: list[int], count: list[int], length: int = 256,
-             far: float = 0.5) -> Path:
+             far: float = 0.5, lr: float = 1e-3) -> Path:
     """A horizon.json as task=probe writes it, with buckets seg0, seg1, seg2+."""
     def group(name, lo, hi, k, n):
         return {"name": name, "lo": lo, "hi": hi, "count": n, "correct": {"exact_match": float(k)},
@@ -222,7 +222,8 @@ def fake_run(folder: Path, mechanism: str, seed: int, correct: list[int], count:
               "edges": [0, 1, 2], "buckets": buckets, "near": group("near", 0, 1, 1, 2),
               "far": {**group("far", 2, None, 1, 2), "accuracy": {"exact_match": far}},
               "truncated": group("truncated", None, None, 0, 0),
-              "overall": group("all", None, None, sum(correct), sum(count)), "baselines": {"uniform_value": 0.1}}
+              "overall": group("all", None, None, sum(correct), sum(count)), "baselines": {"uniform_value": 0.1},
+              "training": {"lr": lr, "max_steps": 100}}
     folder.mkdir(parents=True)
     (folder / "horizon.json").write_text(json.dumps(record))
     return folder / "horizon.json"
@@ -242,6 +243,10 @@ def test_horizon_pools_seeds_and_tells_lengths_apart(tmp_path):
     both = horizon.collect([tmp_path / "a", tmp_path / "b"])
     assert set(both["curves"]) == {"none", "rmt (length=256)", "rmt (length=4000)"}
     assert "chance: 10.0%" in both["table"]
+    fake_run(tmp_path / "c" / "0", "rmt", 0, [1, 1, 1], [1, 1, 1], lr=3e-3)  # the same, trained otherwise
+    tuned = horizon.collect([tmp_path / "a", tmp_path / "c"])
+    assert set(tuned["curves"]) == {"none", "rmt (lr=0.001)", "rmt (lr=0.003)"}
+    assert tuned["curves"]["rmt (lr=0.001)"]["runs"] == 2
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no horizon.json"):
         horizon.collect([tmp_path / "empty"])
@@ -273,6 +278,7 @@ def test_horizon_sweep_writes_one_curve_per_mechanism(horizon_sweep, tmp_path):
     assert [row["mechanism"] for row in saved["rows"]] == ["none", "rmt"]
     for f in files:
         record = load_json(f)
+        assert record["training"] == {"lr": 1e-3, "max_steps": 6, "batch_size": 8}  # as the sweep set them
         curve = result["curves"][record["mechanism"]]
         assert curve["count"] == [b["count"] for b in record["buckets"]]
         assert curve["correct"] == [b["correct"]["exact_match"] for b in record["buckets"]]

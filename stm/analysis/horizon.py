@@ -98,10 +98,12 @@ def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def label_of(run: dict, runs: Sequence[dict], ignore: Collection[str] = ()) -> str:
-    """The mechanism, with the memory and probe options (e.g. the context length) that tell it apart from other
-    runs of the same mechanism; seeds do not, nor the options named in `ignore` (e.g. "probe.n_pairs")."""
+    """The mechanism, with the memory, probe and training options (e.g. the context length, the learning rate)
+    that tell it apart from other runs of the same mechanism; seeds do not, nor the options named in `ignore`
+    (e.g. "probe.n_pairs")."""
     def options(r: dict) -> dict:
-        flat = {**_flat(r.get("memory") or {}), **_flat(r.get("val_source") or {}, "probe.")}
+        flat = {**_flat(r.get("memory") or {}), **_flat(r.get("val_source") or {}, "probe."),
+                **_flat(r.get("training") or {}, "train.")}
         return {k: v for k, v in flat.items() if k not in ignore}
 
     same = [options(r) for r in runs if r["mechanism"] == run["mechanism"]]

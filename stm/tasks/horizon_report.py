@@ -19,6 +19,17 @@ def mechanism_name(run_config: dict | None, memory) -> str:
     return type(memory).__name__
 
 
+def training_record(run_config: dict | None) -> dict:
+    """How the run was trained, for telling runs of one mechanism apart: the learning rate, the steps and the
+    batch size as configured ({} without a config)."""
+    cfg = run_config or {}
+    optimizer = ((cfg.get("task") or {}).get("optimizer") or {})
+    return {key: value for key, value in (("lr", optimizer.get("lr")),
+                                          ("max_steps", (cfg.get("trainer") or {}).get("max_steps")),
+                                          ("batch_size", (cfg.get("data") or {}).get("batch_size")))
+            if value is not None}
+
+
 def _one_or_all(values: set) -> int | list[int] | None:
     """The one value of a set as itself, several as a sorted list, none as None."""
     return None if not values else next(iter(values)) if len(values) == 1 else sorted(values)

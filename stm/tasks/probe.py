@@ -50,7 +50,7 @@ from torchmetrics import SumMetric
 from stm.constants import IGNORE_INDEX
 from stm.metrics.distance_accuracy import DistanceAccuracy, bucket_names
 from stm.metrics.text import answer_in_first_sentence, exact_match
-from stm.tasks.horizon_report import HORIZON_FILE, _finite, _one_or_all, horizon_table, mechanism_name
+from stm.tasks.horizon_report import HORIZON_FILE, _finite, _one_or_all, horizon_table, mechanism_name, training_record
 from stm.tasks.qa import QuestionAnsweringTask
 from stm.tasks.scores_by_length import ExampleScores, accuracy_by_length, lengths_table, set_and_task
 
@@ -268,7 +268,7 @@ class ProbeTask(QuestionAnsweringTask):
             "val_source": (cfg.get("data") or {}).get("val_source"),
             "val_lengths": (cfg.get("data") or {}).get("val_lengths"), "segment_len": self.segment_len,
             "step": self.trained_steps, "seed": cfg.get("seed"), "task_name": cfg.get("task_name"),
-            "score": scores[0], "scores": list(scores),
+            "training": training_record(cfg), "score": scores[0], "scores": list(scores),
             "length_unit": next(iter(first.values())).get("length_unit"),
             "target_lengths": {name: m.get("target_length") for name, m in first.items()},
             **result,
@@ -317,6 +317,7 @@ class ProbeTask(QuestionAnsweringTask):
             "step": self.trained_steps,
             "seed": cfg.get("seed"),
             "task_name": cfg.get("task_name"),
+            "training": training_record(cfg),
             "score": metric.scores[0],
             "scores": metric.scores,
             "edges": metric.edges,
