@@ -28,8 +28,11 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATA_TASKS = {"probe_recall": "probe", "probe_babilong": "probe", "probe_mqar": "probe",
               "summarization_sample": "summarization", "translation_sample": "translation",
               "dialogue_sample": "dialogue", "qa_sample": "qa"}
-REAL_DATA_EXPERIMENTS = {"summarization_qmsum", "translation_bible", "dialogue_sgd", "qa_babi", "babilong"}
-PRETRAINED_EXPERIMENTS = {"babilong"}  # SmolLM2-135M-Instruct: python3 bootstrap.py setup --pretrained
+ZEROSHOT_EXPERIMENTS = {"summarization_qmsum_zeroshot", "translation_bible_zeroshot", "dialogue_sgd_zeroshot"}
+REAL_DATA_EXPERIMENTS = {"summarization_qmsum", "translation_bible", "dialogue_sgd", "qa_babi", "babilong",
+                         *ZEROSHOT_EXPERIMENTS}
+# SmolLM2-135M-Instruct: python3 bootstrap.py setup --pretrained
+PRETRAINED_EXPERIMENTS = {"babilong", *ZEROSHOT_EXPERIMENTS}
 
 
 @pytest.mark.parametrize("group,option", [
