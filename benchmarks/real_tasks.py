@@ -8,7 +8,9 @@ SGD dialogue responses and Bible translation (the chapter so far as context), un
 One `python eval.py experiment=<set>_zeroshot lm_memory=<mechanism>` per set and mechanism (the "evaluate without
 training" path; conf/experiment/*_zeroshot.yaml hold the sizes), one at a time, each with --threads torch threads.
 For each: the target perplexity (exp of the mean loss over every target token of the --examples validation
-examples, teacher-forced), the task's own metrics on the first --generate of them (greedy decoding of at most the
+examples, teacher-forced) with a bootstrap standard error over the examples, and its ratio to full attention's with
+a paired bootstrap's (the same examples resampled for both; from each run's per-example target losses,
+task.losses_file), the task's own metrics on the first --generate of them (greedy decoding of at most the
 experiment's max_new_tokens; ROUGE-1/2/L for summarisation, token F1 and corpus BLEU for dialogue, corpus BLEU and
 chrF for translation, as the task logs them), with a standard error over the generated examples (for a mean over
 examples: its standard deviation / sqrt(n); for a corpus score: a bootstrap over the examples), the wall time of the
@@ -107,7 +109,9 @@ def read_run(record: dict) -> dict:
     cfg = OmegaConf.load(out / "config_resolved.yaml")
     samples = sorted(out.rglob("samples/val_samples_step*.jsonl"))
     rows = [json.loads(line) for line in samples[-1].read_text().splitlines()] if samples else []
-    return {**record, "metrics": metrics, "memory": OmegaConf.to_container(cfg.memory),
+    losses_file = out / str(cfg.task.get("losses_file") or "target_losses.json")
+    losses = json.loads(losses_file.read_text())["examples"] if losses_file.is_file() else None
+    return {**record, "metrics": metrics, "memory": OmegaConf.to_container(cfg.memory), "losses": losses,
             "task_metrics": list(cfg.task.metrics), "generated": [
                 {"index": r["index"], "reference": r["reference"], "output": r["output"]} for r in rows]}
 
@@ -144,6 +148,37 @@ def score_generated(names: list[str], generated: list[dict], bootstrap: int = BO
             draws = [corpus([stats[rng.randrange(n)] for _ in range(n)]) for _ in range(bootstrap)] if n > 1 else []
             out[metric.key] = {"value": corpus(stats), "stderr": statistics.stdev(draws) if draws else None,
                                "n": n, "kind": f"corpus score, bootstrap over examples ({bootstrap})"}
+    return out
+
+
+def perplexity_errors(losses: dict[str, list[dict]], reference: str = "full", bootstrap: int = BOOTSTRAP,
+                      seed: int = 0) -> dict[str, dict]:
+    """{mechanism: {ppl, ppl_stderr, ratio_stderr}} from each mechanism's per-example target losses (the runs'
+    losses_file: index, nll summed over the target tokens, tokens) on the same examples: the perplexity exp(sum nll /
+    sum tokens) and its bootstrap standard error over examples; and the standard error of its ratio to
+    `reference`'s, resampling the same examples for both (a paired bootstrap: the examples' own difficulty, shared
+    by both, cancels)."""
+    tables = {m: {e["index"]: (e["nll"], e["tokens"]) for e in rows} for m, rows in losses.items() if rows}
+    if not tables:
+        return {}
+    indices = sorted(set.intersection(*(set(t) for t in tables.values())))
+    rng = random.Random(seed)
+
+    def ppl(table, picks):
+        nll = sum(table[i][0] for i in picks)
+        tokens = sum(table[i][1] for i in picks)
+        return math.exp(nll / tokens) if tokens else float("nan")
+
+    draws = [[indices[rng.randrange(len(indices))] for _ in indices] for _ in range(bootstrap)] \
+        if len(indices) > 1 else []
+    out = {}
+    for m, table in tables.items():
+        values = [ppl(table, picks) for picks in draws]
+        out[m] = {"ppl": ppl(table, indices), "n": len(indices),
+                  "ppl_stderr": statistics.stdev(values) if len(values) > 1 else None, "ratio_stderr": None}
+        if reference in tables and len(draws) > 1:
+            ratios = [v / ppl(tables[reference], picks) for v, picks in zip(values, draws)]
+            out[m]["ratio_stderr"] = statistics.stdev(ratios)
     return out
 
 
@@ -214,6 +249,14 @@ def collect(runs: list[dict], data: dict, bootstrap: int = BOOTSTRAP) -> dict:
     for c in cells:
         if c.get("ppl") and c["set"] in full:
             c["ppl_over_full"] = c["ppl"] / full[c["set"]]
+    for s in dict.fromkeys(r["set"] for r in runs):
+        losses = {r["mechanism"]: r.get("losses") for r in runs if r["set"] == s and "error" not in r}
+        errors = perplexity_errors(losses, bootstrap=bootstrap)
+        for c in cells:
+            if c["set"] == s and c["mechanism"] in errors:
+                e = errors[c["mechanism"]]
+                c.update({"ppl_stderr": e["ppl_stderr"], "ppl_over_full_stderr": e["ratio_stderr"],
+                          "ppl_from_losses": e["ppl"], "n_losses": e["n"]})
     return {"cells": cells}
 
 

@@ -511,9 +511,11 @@ def real_tasks_rows(data: dict) -> list[list[str]]:
             rows.append([c["set"], f"`{c['mechanism']}`", "failed: " + c["error"].splitlines()[0][:60], "–", "–",
                          fmt(c.get("wall_s")), fmt(c.get("peak_rss_mib"))])
             continue
-        ratio = c.get("ppl_over_full")
-        rows.append([c["set"], f"`{c['mechanism']}`", f"{c['ppl']:.3f}",
-                     "–" if ratio is None else f"{100 * (ratio - 1):+.1f}%", _scores_cell(c),
+        ratio, se, ratio_se = c.get("ppl_over_full"), c.get("ppl_stderr"), c.get("ppl_over_full_stderr")
+        vs_full = "–" if ratio is None else f"{100 * (ratio - 1):+.1f}%" + (
+            f" ± {100 * ratio_se:.1f}" if ratio_se and c["mechanism"] != "full" else "")
+        rows.append([c["set"], f"`{c['mechanism']}`", f"{c['ppl']:.3f}" + (f" ± {se:.2f}" if se else ""), vs_full,
+                     _scores_cell(c),
                      f"{c['wall_s']:.0f}", f"{c['peak_rss_mib']:,.0f}"])
     return rows
 
@@ -523,11 +525,16 @@ def real_tasks_goals(data: dict) -> list[str]:
     lines = []
     for s in data["config"]["sets"]:
         cells = {c["mechanism"]: c for c in data["cells"] if c["set"] == s and c.get("ppl_over_full")}
-        said = [f"`{m}` {100 * (cells[m]['ppl_over_full'] - 1):+.1f}% ("
+
+        def pm(m, cells=cells):
+            se = cells[m].get("ppl_over_full_stderr")
+            return f" ± {100 * se:.1f}" if se else ""
+
+        said = [f"`{m}` {100 * (cells[m]['ppl_over_full'] - 1):+.1f}%{pm(m)} ("
                 + ("within 3%" if cells[m]["ppl_over_full"] <= PPL_GOAL else "not within 3%") + ")"
                 for m in ("xl", "swa") if m in cells]
         if "none" in cells:
-            said.append(f"`none` {100 * (cells['none']['ppl_over_full'] - 1):+.1f}%")
+            said.append(f"`none` {100 * (cells['none']['ppl_over_full'] - 1):+.1f}%{pm('none')}")
         if said:
             lines.append(f"- {s}: " + ", ".join(said) + ".")
     return lines
@@ -538,12 +545,14 @@ def render_real_tasks(data: dict, small: bool) -> str:
     cfg = data["config"]
     out = ["**The task sets on a real model**: SmolLM2-135M-Instruct zero-shot (`python eval.py "
            "experiment=<set>_zeroshot lm_memory=<mechanism>`, no checkpoint). Target ppl: exp of the mean loss over "
-           "every target token (eos included) of the validation examples, teacher-forced; vs full: over full "
-           "attention's on the same examples. Task metrics (as the task logs them; ROUGE, BLEU, chrF 0-100, token "
-           "F1 0-1) on the first n examples, generated greedily, ± standard error (a mean's over examples; a corpus "
-           "score's from a bootstrap over the examples): n is small, so differences below about two standard errors "
-           "say nothing. Wall s: the whole eval.py process, model loading included; peak RSS: its resident-set "
-           "high-water mark (the model's 0.5 GB of float32 weights included).", "", provenance(data, small), ""]
+           "every target token (eos included) of the validation examples, teacher-forced, ± a bootstrap standard "
+           "error over the examples; vs full: over full attention's on the same examples, ± a paired bootstrap's "
+           "(the same examples resampled for both, so the examples' own difficulty cancels). Task metrics (as the "
+           "task logs them; ROUGE, BLEU, chrF 0-100, token F1 0-1) on the first n examples, generated greedily, ± "
+           "standard error (a mean's over examples; a corpus score's from a bootstrap over the examples): n is "
+           "small, so differences below about two standard errors say nothing. Wall s: the whole eval.py process, "
+           "model loading included; peak RSS: its resident-set high-water mark (the model's 0.5 GB of float32 "
+           "weights included).", "", provenance(data, small), ""]
     if data.get("note"):
         out += [f"Note: {data['note']}", ""]
     out.append(table(["set", "mechanism", "target ppl", "vs full", "task metrics ± s.e. (n generated)", "wall s",
@@ -584,8 +593,9 @@ def render_real_tasks_summary(data: dict, small: bool) -> str:
         full = next((c for c in cells if c["mechanism"] == "full"), None)
         if full is None:
             continue
-        others = ", ".join(f"`{c['mechanism']}` {100 * (c['ppl_over_full'] - 1):+.1f}%" for c in cells
-                           if c["mechanism"] != "full")
+        others = ", ".join(f"`{c['mechanism']}` {100 * (c['ppl_over_full'] - 1):+.1f}%"
+                           + (f" ± {100 * c['ppl_over_full_stderr']:.1f}" if c.get("ppl_over_full_stderr") else "")
+                           for c in cells if c["mechanism"] != "full")
         lines.append(f"- {SET_NAMES.get(s, s)}: target ppl {full['ppl']:.2f} under `full` ({others}); "
                      f"{_scores_cell(full)} under `full`.")
     n = ", ".join(f"{s} {data['data'][s]['n_examples']}" for s in data["config"]["sets"])

@@ -55,12 +55,15 @@ class ConditionalLMTask(LanguageModelTask):
                          ones, by index); None: all of them.
     n_samples:           how many of them go into the sample table.
     context_loss_weight: weight of the context's LM loss next to the target's (needs data.context_loss=true).
+    losses_file:         a file in the run folder written after each validation with every validation example's
+                         target loss: {"examples": [{"index", "nll", "tokens"}, ...]} (nll summed over its target
+                         tokens; gathered across DDP ranks), for standard errors and paired comparisons; None: none.
     Everything else (segment_len, bptt_depth, ...) as in `LanguageModelTask`.
     """
 
     def __init__(self, model: nn.Module, memory: Memory, optimizer: Callable, scheduler: Callable | None = None, *,
                  generation: dict, metrics: Sequence[str], n_generate: int | None = None, n_samples: int = 0,
-                 context_loss_weight: float = 0.0, **lm_options):
+                 context_loss_weight: float = 0.0, losses_file: str | None = None, **lm_options):
         super().__init__(model, memory, optimizer, scheduler, **lm_options)
         from stm.metrics.text import METRICS, build_text_metrics
 
@@ -86,6 +89,11 @@ class ConditionalLMTask(LanguageModelTask):
         self.n_generate, self.n_samples = n_generate, n_samples
         self.context_loss_weight = context_loss_weight
         self.samples: list[dict] = []
+        self.losses_file = losses_file
+        if losses_file:
+            from stm.tasks.scores_by_length import ExampleScores
+
+            self.example_losses = ExampleScores(2)  # per validation example: target nll sum, target tokens
         self.pending: list[int] = []  # validation examples waiting to be generated (see `_generate_and_score`)
 
     # ------------------------------------------------------------------------------------------------ training
@@ -112,6 +120,10 @@ class ConditionalLMTask(LanguageModelTask):
         run = self(batch)
         target = batch["target_mask"].bool() & (batch["labels"] != IGNORE_INDEX)
         self.val_metrics.update((run.token_nll * target).sum(), target.sum(), (batch["label_bytes"] * target).sum())
+        if self.losses_file:
+            nll, tokens = (run.token_nll * target).sum(dim=1).tolist(), target.sum(dim=1).tolist()
+            for row, index in enumerate(batch["index"].tolist()):
+                self.example_losses.update(index, [nll[row], tokens[row]])
         for index in batch["index"].tolist():
             if self.n_generate is None or index < self.n_generate:
                 self._generate_and_score(index)
@@ -178,6 +190,9 @@ class ConditionalLMTask(LanguageModelTask):
         super().on_validation_epoch_start()
         self.samples = []
         self.pending = []
+        if self.losses_file:
+            self.example_losses.reset()
+            self.example_losses.update(-1, [0.0, 0.0])  # a placeholder row: every rank updates before compute
 
     def on_validation_epoch_end(self):
         self._generate_pending()  # the last examples, before any metric is computed
@@ -188,7 +203,24 @@ class ConditionalLMTask(LanguageModelTask):
             for name, value in values.items():
                 self.log(f"val/{name}", value)
                 self.last_val[f"val/{name}"] = float(value)
+        if self.losses_file:
+            self._write_losses()
         if self.samples and not self.trainer.sanity_checking:
             from stm.tasks.sample_tables import log_generation_samples
 
             log_generation_samples(self.loggers, self.samples, step=self.global_step)
+
+    def _write_losses(self) -> None:
+        """Write `losses_file` (see the class docstring) into the run folder, on rank zero."""
+        index, values = self.example_losses.compute()
+        self.example_losses.reset()
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        import json
+        from pathlib import Path
+
+        rows = sorted((int(i), float(nll), int(tokens)) for i, (nll, tokens) in zip(index.tolist(), values.tolist()))
+        path = Path(self.trainer.default_root_dir) / self.losses_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"step": int(self.global_step), "examples": [
+            {"index": i, "nll": nll, "tokens": tokens} for i, nll, tokens in rows]}) + "\n")
