@@ -10,7 +10,7 @@ import math
 import sys
 
 import pytest
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, compose_config
 
 from stm.metrics.text import build_text_metrics
 
@@ -51,6 +51,46 @@ def test_scores_equal_the_tasks_metrics_with_their_standard_errors():
     assert scores["bleu"]["stderr"] > 0 and scores["chrf"]["stderr"] > 0
     assert real_tasks.score_generated(["token_f1"], GENERATED[:1])["token_f1"]["stderr"] is None  # n = 1: none
     assert real_tasks.score_generated(["token_f1"], []) == {}
+
+
+def test_perplexity_errors_pair_the_examples():
+    """The perplexity from per-example losses is exp(sum nll / sum tokens); its bootstrap error is positive where
+    the examples differ; a mechanism exactly twice as perplexed as full on every example has a ratio of 2 with a
+    paired error of 0 (the examples' own difficulty cancels), and full's ratio to itself has none either."""
+    full = [{"index": i, "nll": nll, "tokens": n} for i, (nll, n) in enumerate([(10.0, 5), (40.0, 8), (3.0, 6),
+                                                                                (25.0, 4)])]
+    doubled = [{**e, "nll": e["nll"] + e["tokens"] * math.log(2)} for e in full]
+    errors = real_tasks.perplexity_errors({"full": full, "xl": doubled, "none": None}, bootstrap=300)
+    assert set(errors) == {"full", "xl"}
+    assert errors["full"]["ppl"] == pytest.approx(math.exp(78.0 / 23)) and errors["full"]["n"] == 4
+    assert errors["xl"]["ppl"] == pytest.approx(2 * errors["full"]["ppl"])
+    assert errors["full"]["ppl_stderr"] > 1 and errors["xl"]["ppl_stderr"] == pytest.approx(
+        2 * errors["full"]["ppl_stderr"])
+    assert errors["xl"]["ratio_stderr"] == pytest.approx(0, abs=1e-9)
+    assert errors["full"]["ratio_stderr"] == pytest.approx(0, abs=1e-12)
+    shuffled = [{**e, "nll": e["nll"] * (1.5 if e["index"] % 2 else 0.7)} for e in full]
+    assert real_tasks.perplexity_errors({"full": full, "swa": shuffled}, bootstrap=300)["swa"]["ratio_stderr"] > 0.01
+
+
+def test_losses_file_holds_each_examples_target_loss(tmp_path):
+    """task.losses_file: after eval.py's validation, one row per validation example whose nll and tokens add up
+    to the logged val/loss, and whose tokens are the example's target labels."""
+    from stm.app.run import evaluate
+    from stm.constants import IGNORE_INDEX
+
+    cfg = compose_config("eval", ["task=dialogue", "task.losses_file=losses.json", "task.n_generate=0",
+                                  "allow_untrained=true", "data.val_batch_size=3", "logger=none"], tmp_path)
+    metrics = evaluate(cfg)
+    rows = json.loads((tmp_path / "losses.json").read_text())["examples"]
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data, tokenizer=instantiate(cfg.tokenizer))
+    datamodule.setup("validate")
+    layouts = datamodule.sets["val"].layouts
+    assert [r["index"] for r in rows] == list(range(len(layouts))) and len(layouts) > 3
+    assert [r["tokens"] for r in rows] == [int((lay.labels != IGNORE_INDEX).sum()) for lay in layouts]
+    loss = sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows)
+    assert loss == pytest.approx(metrics["val/loss"], rel=1e-5)
 
 
 def test_per_set_counts_and_their_errors():
@@ -162,6 +202,7 @@ def test_quick_run_writes_finite_numbers_for_every_mechanism(tmp_path):
         assert c["n_examples"] == 2 and c["wall_s"] > 0 and c["peak_rss_mib"] > 300
         assert all(s["n"] == 1 for s in c["scores"].values()) and c["scores"]
         assert c["scores"].get("bleu", {}).get("value") == pytest.approx(c["logged"]["bleu"], abs=1e-3)
+        assert c["n_losses"] == 2 and c["ppl_from_losses"] == pytest.approx(c["ppl"], rel=1e-5)
     for s in ("dialogue", "translation"):
         assert data["data"][s]["n_examples"] == 2 and data["data"][s]["context_tokens"]["max"] < 256
     rows = report.real_tasks_rows(data)
