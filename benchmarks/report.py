@@ -42,6 +42,7 @@ SECTIONS = {  # README marker name -> (benchmark field, full-size file, small va
     "tasks": ("task_runs", "task_runs.json", "task_runs_quick.json"),
     "horizon": ("horizon", "horizon.json", "horizon_quick.json"),
     "capacity": ("horizon", "capacity.json", "capacity_quick.json"),
+    "capacity_armt_k8": ("horizon", "capacity_armt_k8.json", "capacity_armt_k8_quick.json"),
     "babilong_zeroshot": ("babilong_zeroshot", "babilong_zeroshot.json", "babilong_zeroshot_quick.json"),
     "long_context": ("long_context", "long_context.json", "long_context_quick.json"),
     "full_attention_memory": ("full_attention_memory", "full_attention_memory.json",
@@ -310,6 +311,17 @@ def render_capacity(data: dict, small: bool) -> str:
             f"--plot benchmarks/results/capacity.png hydra/launcher=joblib`, which trains the circuit and runs "
             f"`python train.py -m experiment=capacity init_from=...`{took}).{start}\n\n{provenance(data, small)}\n\n"
             f"![capacity curves](benchmarks/results/capacity.png)\n\n```\n{data['table'].rstrip()}\n```")
+
+
+def render_capacity_variants(data: dict, small: bool) -> str:
+    """Runs of one capacity cell trained in other ways (steps, learning rate, memory sizes, seeds pooled), from
+    the same circuit: the collector's table, one row per way, and the note saying what was varied."""
+    note = f" {data['note']}" if data.get("note") else ""
+    seeds = "; ".join(f"{row['label']}: seed{'s' if len(row['seeds']) > 1 else ''} "
+                      f"{', '.join(str(s) for s in row['seeds'])}" for row in data["rows"])
+    return (f"**Capacity, one cell tried in other ways** (same circuit and data as the capacity table; each row a "
+            f"way of training, its seeds pooled; accuracy per query, queries scored in brackets).{note}\n\n"
+            f"{provenance(data, small)}\n\n```\n{data['table'].rstrip()}\n```\n\nSeeds: {seeds}.")
 
 
 def render_babilong_zeroshot(data: dict, small: bool) -> str:
@@ -606,7 +618,8 @@ def render_real_tasks_summary(data: dict, small: bool) -> str:
 
 RENDER = {"train_speed": render_train_speed, "train_speed_bf16": render_train_speed, "stream": render_stream,
           "stream_armt_1m": render_stream, "gpu": render_gpu, "tokenize": render_tokenize, "tasks": render_tasks,
-          "horizon": render_horizon, "capacity": render_capacity, "babilong_zeroshot": render_babilong_zeroshot,
+          "horizon": render_horizon, "capacity": render_capacity, "capacity_armt_k8": render_capacity_variants,
+          "babilong_zeroshot": render_babilong_zeroshot,
           "long_context": render_long_context,
           "full_attention_memory": render_full_attention_memory, "real_tasks": render_real_tasks,
           "real_tasks_summary": render_real_tasks_summary}
