@@ -2,7 +2,8 @@
 """Set up stm in a virtual environment at .venv/ (reused when present) and run a job or the tests.
 
     python3 bootstrap.py train [hydra overrides ...]   # the default job: python train.py
-    python3 bootstrap.py test  [pytest args ...]       # the test suite (sets up SmolLM2 weights too)
+    python3 bootstrap.py test  [pytest args ...]       # the test suite (sets up SmolLM2 weights too); with
+                                                       # STM_TEST_WORKERS=N on N cores (pytest-xdist)
     python3 bootstrap.py setup [--pretrained]          # only set up (--pretrained: SmolLM2 weights too)
 
 Needs nothing but Python >= 3.10. Installs torch first, pinned by STM_TORCH (default `torch==2.13.0`, a CPU
@@ -63,6 +64,16 @@ def setup(extras: list[str]) -> None:
     STAMP.write_text(json.dumps({"pyproject": project, "extras": sorted(extras)}))
 
 
+def test_workers(pytest_args: list[str]) -> list[str]:
+    """pytest-xdist's options for the test command: STM_TEST_WORKERS workers (default 1: one process, as CI runs
+    it; at most one per core, each holding its own torch and models), each test file on one worker (its module
+    fixtures built once); none where the arguments choose for themselves (-n, --numprocesses, -p no:xdist)."""
+    if any(a.startswith(("-n", "--numprocesses", "--dist")) or a == "no:xdist" for a in pytest_args):
+        return []
+    workers = min(os.cpu_count() or 1, int(os.environ.get("STM_TEST_WORKERS", "1")))
+    return ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("train", "test", "setup", "eval"):
         print(__doc__)
@@ -78,7 +89,8 @@ def main(argv: list[str]) -> int:
     if command == "setup":
         return 0
     if command == "test":
-        return subprocess.run([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT, env=env).returncode
+        return subprocess.run([str(PYTHON), "-m", "pytest", *test_workers(rest), *rest], cwd=ROOT,
+                              env=env).returncode
     script = "train.py" if command == "train" else "eval.py"
     return subprocess.run([str(PYTHON), script, *rest], cwd=ROOT, env=env).returncode
 

@@ -242,3 +242,22 @@ def test_editable_install_reads_the_checkouts_conf(tmp_path):
     where = json.loads(_run([python, "-c", _WHERE], cwd=work, env=_clean_env(python, work / "logs")).stdout)
     assert Path(where["stm"]).resolve() == (src / "stm" / "__init__.py").resolve()
     assert Path(where["conf"]) == (src / "conf").resolve()
+
+
+def test_bootstrap_runs_the_tests_in_one_process_unless_told_otherwise(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    try:
+        import bootstrap
+    finally:
+        sys.path.remove(str(ROOT))
+    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("STM_TEST_WORKERS", raising=False)
+    assert bootstrap.test_workers(["-m", "not slow"]) == []
+    monkeypatch.setenv("STM_TEST_WORKERS", "2")
+    assert bootstrap.test_workers(["-m", "not slow"]) == ["-n", "2", "--dist", "loadfile"]
+    monkeypatch.setenv("STM_TEST_WORKERS", "4")
+    assert bootstrap.test_workers([]) == ["-n", "4", "--dist", "loadfile"]
+    for chosen in (["-n", "0"], ["-n3"], ["--numprocesses=2"], ["-p", "no:xdist"], ["--dist", "load"]):
+        assert bootstrap.test_workers(["-k", "segments", *chosen]) == [], chosen
+    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 1)
+    assert bootstrap.test_workers([]) == []
