@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, RESULTS_DIR, command_line, environment, progress, save_result, set_threads
+from common import REPO_ROOT, RESULTS_DIR, command_line, environment, progress, run_python, save_result, set_threads
 
 from stm.analysis import lengthgen
 from stm.analysis.horizon import find_runs
@@ -77,12 +74,9 @@ def run_mechanism(mechanism: str, counts: dict[int, int], out: Path, threads: in
     """One eval.py run of `mechanism` at the lengths of `counts`; returns its command, wall time and exit code."""
     args = ["eval.py", "experiment=babilong", f"lm_memory={mechanism}", *val_lengths_override(counts),
             f"hydra.run.dir={out}", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     progress(" ".join(args))
-    started = time.time()
-    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env)
     record = {"mechanism": mechanism, "command": "python " + " ".join(args), "threads": threads,
-              "wall_s": round(time.time() - started, 1), "returncode": result.returncode, "dir": str(out)}
+              **run_python(args, threads), "dir": str(out)}
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record

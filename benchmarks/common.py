@@ -17,6 +17,7 @@ once, on any device.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import multiprocessing as mp
@@ -443,6 +444,21 @@ def _describe(exc: BaseException) -> str:
     tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
     out_of_memory = " [out of memory]" if is_out_of_memory(exc) else ""
     return f"{type(exc).__name__}: {exc}{out_of_memory}\n" + "".join(tb[-6:])
+
+
+def run_python(args: list[str], threads: int, log: Path | None = None) -> dict[str, Any]:
+    """`python <args>` from the repository root with `threads` OpenMP/torch threads, its output to `log` (else to
+    this process's): {"wall_s", "returncode", "peak_rss_mib"}, the peak resident set being the child's own
+    (ru_maxrss from os.wait4)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    started = time.perf_counter()
+    with open(log, "w") if log else contextlib.nullcontext() as out:
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT if out else None)
+        _, status, usage = os.wait4(proc.pid, 0)
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"wall_s": round(time.perf_counter() - started, 1), "returncode": os.waitstatus_to_exitcode(status),
+            "peak_rss_mib": round(rss / 2**20, 1)}
 
 
 def set_threads(n: int | None) -> None:

@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, command_line, environment, progress, save_result
+from common import REPO_ROOT, command_line, environment, progress, run_python, save_result
 
 SETS = {  # set -> its zero-shot experiment (conf/experiment/)
     "summarization": "summarization_qmsum_zeroshot",
@@ -80,21 +78,12 @@ def set_overrides(name: str, examples: int, generate: int, quick: bool, extra: l
 
 def run_eval(overrides: list[str], mechanism: str, out: Path, threads: int) -> dict:
     """`python eval.py <overrides> lm_memory=<mechanism>` into `out`: its command, wall time, exit code and peak
-    resident set (the child's ru_maxrss from os.wait4, so each run's own); its output goes to out/eval.log."""
+    resident set (`common.run_python`: the child's own); its output goes to out/eval.log."""
     args = ["eval.py", *overrides, f"lm_memory={mechanism}", f"hydra.run.dir={out}"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     out.mkdir(parents=True, exist_ok=True)
     progress(" ".join(args))
-    started = time.perf_counter()
-    with open(out / "eval.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return {"mechanism": mechanism, "command": "python " + " ".join(args[:-1]), "threads": threads,
-            "wall_s": round(wall, 1), "peak_rss_mib": round(rss / 2**20, 1), "returncode": proc.returncode,
-            "dir": str(out)}
+            **run_python(args, threads, out / "eval.log"), "dir": str(out)}
 
 
 def read_run(record: dict) -> dict:
