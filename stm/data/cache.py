@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stm.constants import CACHE_DIR_ENV, DEFAULT_CACHE_DIR
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -44,7 +46,7 @@ class TokenizedCorpus:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("STM_CACHE_DIR", "~/.cache/stm")).expanduser() / "tokens"
+    return Path(os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)).expanduser() / "tokens"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

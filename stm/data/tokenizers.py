@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stm.models import gguf_cache
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255, plus pad (256), bos (257) and eos (258)."""
@@ -60,11 +62,13 @@ class HFTokenizer:
         looks_local = str(name_or_path).startswith((".", "/", "~")) or Path(name_or_path).exists()
         if looks_local and not Path(name_or_path).expanduser().exists():
             raise FileNotFoundError(f"tokenizer.name_or_path: {name_or_path} does not exist")
-        if gguf_file is not None:
+        source = str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+        if gguf_file is not None and looks_local and gguf_cache.enabled():
+            source = str(gguf_cache.tokenizer_folder(source, gguf_file))  # converted once
+        elif gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser())
-                                                           if looks_local else name_or_path, **kwargs)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as err:
             raise type(err)(
                 f"tokenizer.name_or_path: could not load a tokenizer from '{name_or_path}' "

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from stm.memory.base import BackboneOutput, SegmentExtras, read_layer_memory
+from stm.models import gguf_cache
 from stm.models.attention import build_attention_mask, logit_positions, segment_key_padding, with_memory_tokens
 from stm.models.lora import describe, lora_settings, wrap_with_lora
 
@@ -91,7 +92,8 @@ class HFCausalLM(nn.Module):
     """A Hugging Face causal LM (hub name, local folder, or GGUF file in a folder) reading one segment at a time.
 
     name_or_path:        hub name (needs network or a filled Hugging Face cache) or a local folder.
-    gguf_file:           a GGUF file inside `name_or_path`; transformers de-quantises it (needs gguf).
+    gguf_file:           a GGUF file inside `name_or_path`; transformers de-quantises it (needs gguf), once: the
+                         result is kept in $STM_CACHE_DIR (`stm.models.gguf_cache`).
     torch_dtype:         float32 (default), bfloat16, float16, or auto (the checkpoint's).
     attn_implementation: sdpa (default) or eager.
     vocab_size:          the tokenizer's vocabulary size, as stm passes it; only checked to fit the model.
@@ -121,10 +123,12 @@ class HFCausalLM(nn.Module):
             raise FileNotFoundError(f"model.name_or_path: {name_or_path} does not exist")
         if looks_local and gguf_file is not None and not (path / gguf_file).is_file():
             raise FileNotFoundError(f"model.gguf_file: {gguf_file} is not a file in {path}")
-        source = str(path) if looks_local else str(name_or_path)
+        source, weights_file = (str(path) if looks_local else str(name_or_path)), gguf_file
+        if looks_local and gguf_file is not None and gguf_cache.enabled():
+            source, weights_file = str(gguf_cache.model_folder(path, gguf_file)), None  # converted once
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
-                source, gguf_file=gguf_file, dtype=_resolve_dtype(torch_dtype),
+                source, gguf_file=weights_file, dtype=_resolve_dtype(torch_dtype),
                 attn_implementation=attn_implementation, **from_pretrained_kwargs,
             )
         except (OSError, ValueError) as err:
