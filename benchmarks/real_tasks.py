@@ -299,7 +299,7 @@ def main(argv=None) -> None:
                "wall_s": round(time.perf_counter() - started, 1), "load_average_after": environment()["load_average"]}
     path = save_result(name, payload, args.results_dir)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from report import render_real_tasks
+    from render_tasks import render_real_tasks
 
     print(render_real_tasks(payload, args.quick))
     print(f"written {path}")

@@ -11,6 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import render_probes  # noqa: E402
+import render_speed  # noqa: E402
 import report  # noqa: E402
 
 
@@ -57,9 +59,9 @@ def test_write_readme_fills_each_block_in_the_file_that_holds_its_marker(tmp_pat
     err = capsys.readouterr().err
     data = {name: json.loads((results / f"{file}.json").read_text()) for name, file in
             (("capacity", "capacity"), ("train_speed", "train_speed"), ("babilong_zeroshot", "babilong_zeroshot"))}
-    assert block(readme.read_text(), "capacity") == report.render_capacity(data["capacity"], False)
-    assert block(bench_readme.read_text(), "train_speed") == report.render_train_speed(data["train_speed"], False)
-    zeroshot = report.render_babilong_zeroshot(data["babilong_zeroshot"], False)
+    assert block(readme.read_text(), "capacity") == render_probes.render_capacity(data["capacity"], False)
+    assert block(bench_readme.read_text(), "train_speed") == render_speed.render_train_speed(data["train_speed"], False)
+    zeroshot = render_probes.render_babilong_zeroshot(data["babilong_zeroshot"], False)
     assert "](benchmarks/results/babilong_zeroshot.png)" in zeroshot
     assert block(bench_readme.read_text(), "babilong_zeroshot") == zeroshot.replace(
         "](benchmarks/results/babilong_zeroshot.png)", "](results/babilong_zeroshot.png)")
@@ -94,7 +96,7 @@ def test_full_attention_memory_benchmark_compares_live_bytes(tmp_path):
     assert (row["ours"], row["peer"], row["tokens"]) == ("stm-full", "hf-llama", 256)
     assert row["live_ratio"] == ours["live"]["peak_live_bytes"] / peer["live"]["peak_live_bytes"]
     assert data["meets_goal"] == (ours["live"]["peak_live_bytes"] <= peer["live"]["peak_live_bytes"])
-    rendered = report.render_full_attention_memory(data, small=True)
+    rendered = render_speed.render_full_attention_memory(data, small=True)
     assert f"| **stm-full** | {ours['live']['peak_live_bytes'] / 2**20:.1f} / " in rendered
 
 
@@ -121,5 +123,5 @@ def test_training_speed_benchmark_reports_kernel_time_and_ceiling(tmp_path):
         assert row["ceiling_ratio"] == peer["seconds_per_step"] / ours["kernel_s"]
     step_s = {name: rec["seconds_per_step"] for name, rec in data["systems"].items()}
     assert data["bf16_speedups"]["none"] == step_s["none"] / step_s["none@bf16"]
-    rendered = report.render_train_speed(data, small=True)
+    rendered = render_speed.render_train_speed(data, small=True)
     assert "| none | hf-llama (of xt-full, hf-llama) |" in rendered and "| none@bf16 | hf-llama@bf16" in rendered

@@ -14,7 +14,7 @@ from conftest import ROOT, run_script, save_tiny_llama
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import long_context  # noqa: E402
-import report  # noqa: E402
+import render_speed  # noqa: E402
 
 NEW_TOKENS = 16
 
@@ -122,7 +122,7 @@ def test_hf_past_the_budget_is_projected_from_its_measured_points(quick_run):
 
 
 def test_report_renders_the_quick_run(quick_run):
-    text = report.render_long_context(quick_run, small=True)
+    text = render_speed.render_long_context(quick_run, small=True)
     rows = [line for line in text.splitlines() if line.startswith("| 160 ") or line.startswith("| 320 ")]
     assert len(rows) == 2 * 2 + 2  # two systems per length, then one comparison row per length
     assert any("hf (projected)" in r and "~" in r for r in rows)

@@ -16,7 +16,8 @@ from stm.metrics.text import build_text_metrics
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import real_tasks  # noqa: E402
-import report  # noqa: E402
+import render_tasks  # noqa: E402
+from report_format import fmt  # noqa: E402
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "translation").is_dir(),
                                 reason=f"the shared data sets are not at {SHARED_DATA}")
@@ -140,18 +141,18 @@ def test_collect_and_render_a_hand_made_result():
     assert cells[0]["logged"] == {"bleu": 3.0}
     assert set(cells[0]["scores"]) == {"token_f1", "bleu"} and set(cells[2]["scores"]) == {"bleu", "chrf"}
     assert "error" in cells[4] and "ppl" not in cells[4]
-    rows = report.real_tasks_rows(result)
+    rows = render_tasks.real_tasks_rows(result)
     assert [(r[0], r[1]) for r in rows] == [(c["set"], f"`{c['mechanism']}`") for c in cells]
     assert rows[0][2:4] == ["12.000", "+20.0%"] and rows[1][3] == "+0.0%"
     assert rows[4][2] == "failed: eval.py exit code 1: boom"
     assert rows[0][5:] == ["61", "1,500"]
     f1 = cells[0]["scores"]["token_f1"]
-    assert rows[0][4].startswith(f"token_f1 {report.fmt(f1['value'])} ± {report.fmt(f1['stderr'], 2)}")
+    assert rows[0][4].startswith(f"token_f1 {fmt(f1['value'])} ± {fmt(f1['stderr'], 2)}")
     assert rows[0][4].endswith("(n 2)")
-    text = report.render_real_tasks(result, False)
+    text = render_tasks.render_real_tasks(result, False)
     assert text.count("\n| dialogue |") == 2 and text.count("\n| translation |") == 3
     assert "- dialogue: `none` +20.0%." in text
-    summary = report.render_real_tasks_summary(result, False)
+    summary = render_tasks.render_real_tasks_summary(result, False)
     assert "target ppl 10.00 under `full` (`none` +20.0%)" in summary and "5 min in all" in summary
 
 
@@ -205,5 +206,5 @@ def test_quick_run_writes_finite_numbers_for_every_mechanism(tmp_path):
         assert c["n_losses"] == 2 and c["ppl_from_losses"] == pytest.approx(c["ppl"], rel=1e-5)
     for s in ("dialogue", "translation"):
         assert data["data"][s]["n_examples"] == 2 and data["data"][s]["context_tokens"]["max"] < 256
-    rows = report.real_tasks_rows(data)
+    rows = render_tasks.real_tasks_rows(data)
     assert [(r[0], r[1]) for r in rows] == [(c["set"], f"`{c['mechanism']}`") for c in data["cells"]]
