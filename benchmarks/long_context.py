@@ -41,7 +41,7 @@ least squares; see `fit_growth`) and marked `projected: true`.
     python benchmarks/long_context.py --quick model=hf model.name_or_path=<folder>   # any causal LM (Hydra overrides)
 
 Results go to benchmarks/results/long_context.json (--quick: long_context_quick.json) with the environment; the
-README table comes from `benchmarks/report.py` (`render_long_context`).
+README table comes from `benchmarks/report.py` (`render_speed.render_long_context`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ Each table names the command that produced it and the machine, torch version and
 For every benchmark the full-size result (train_speed.json, ...) is used; its --quick/--smoke variant only
 when no full-size result exists (and the section says so). Links in a section (the figures) are written
 relative to the repository root and made relative to the file they go into.
+
+The renderers, one per section (`RENDER`), live by family in render_speed.py, render_probes.py and
+render_tasks.py; what they share (cells, tables, the provenance line) in report_format.py.
 """
 
 from __future__ import annotations
