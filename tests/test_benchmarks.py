@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -74,6 +76,7 @@ def test_write_readme_fills_each_block_in_the_file_that_holds_its_marker(tmp_pat
     assert "no markers for ['tokenize']" in err
 
 
+@pytest.mark.slow
 def test_full_attention_memory_benchmark_compares_live_bytes(tmp_path):
     """`full_attention_memory.py --quick` with stm-full and hf-llama at 256 tokens: every position's logits, the
     live and resident peaks, the ratio in the comparisons equal to the figures' quotient, and the goal judged on
@@ -100,6 +103,7 @@ def test_full_attention_memory_benchmark_compares_live_bytes(tmp_path):
     assert f"| **stm-full** | {ours['live']['peak_live_bytes'] / 2**20:.1f} / " in rendered
 
 
+@pytest.mark.slow
 def test_training_speed_benchmark_reports_kernel_time_and_ceiling(tmp_path):
     """`train_speed.py --quick --precision fp32,bf16` on one of ours and one peer (Hugging Face Llama: the other
     peers come from benchmarks/requirements.txt): tokens/s from real steps, the profiled kernel time within the

@@ -103,6 +103,7 @@ def test_allow_untrained_evaluates_and_writes_the_results(tmp_path):
     assert len(samples.read_text().splitlines()) == N_VAL
 
 
+@pytest.mark.slow
 def test_a_pretrained_model_under_memories_without_parameters_is_evaluated(llama_dir, tmp_path):
     """memory=none / full / xl on pretrained weights need no override; xl with a cache longer than the context
     gives full attention's numbers, none (each segment alone) other ones."""

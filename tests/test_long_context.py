@@ -76,6 +76,7 @@ def quick_run(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_records_the_environment_and_the_setup(quick_run):
     env = quick_run["environment"]
     assert env["torch"] and env["torch_num_threads"] and env["cpu_count"] and "git" in env
@@ -88,6 +89,7 @@ def test_quick_run_records_the_environment_and_the_setup(quick_run):
     assert quick_run["systems"]["hf"]["attn_implementation"] == "sdpa"
 
 
+@pytest.mark.slow
 def test_stm_xl_gives_hf_generates_tokens_and_nll_where_its_cache_holds_the_context(quick_run):
     xl, hf = quick_run["results"]["xl"]["160"], quick_run["results"]["hf"]["160"]
     assert len(xl["generated"]) == NEW_TOKENS and xl["generated"] == hf["generated"]
@@ -105,6 +107,7 @@ def test_stm_xl_gives_hf_generates_tokens_and_nll_where_its_cache_holds_the_cont
         assert rec["peak_extra_bytes"] == rec["memory"]["peak_extra_bytes"] >= 0
 
 
+@pytest.mark.slow
 def test_hf_past_the_budget_is_projected_from_its_measured_points(quick_run):
     hf, xl = quick_run["results"]["hf"], quick_run["results"]["xl"]
     measured, projected = hf["160"], hf["320"]
@@ -121,6 +124,7 @@ def test_hf_past_the_budget_is_projected_from_its_measured_points(quick_run):
     assert flat["time_per_token"] == pytest.approx(xl["320"]["decode_s_per_token"] / xl["160"]["decode_s_per_token"])
 
 
+@pytest.mark.slow
 def test_report_renders_the_quick_run(quick_run):
     text = render_speed.render_long_context(quick_run, small=True)
     rows = [line for line in text.splitlines() if line.startswith("| 160 ") or line.startswith("| 320 ")]

@@ -267,6 +267,7 @@ def horizon_sweep(tmp_path_factory):
     return SimpleNamespace(dir=sweep, output=result.stdout + result.stderr)
 
 
+@pytest.mark.slow
 def test_horizon_sweep_writes_one_curve_per_mechanism(horizon_sweep, tmp_path):
     files = sorted(horizon_sweep.dir.rglob("horizon.json"))
     assert [load_json(f)["mechanism"] for f in files] == ["none", "rmt"]
@@ -286,6 +287,7 @@ def test_horizon_sweep_writes_one_curve_per_mechanism(horizon_sweep, tmp_path):
     assert "rmt" in saved["table"] and saved["solved"] == {"none": "0/1", "rmt": "0/1"}
 
 
+@pytest.mark.slow
 def test_horizon_notebook_shows_the_sweep_numbers(horizon_sweep, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
