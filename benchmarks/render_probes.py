@@ -40,6 +40,15 @@ def render_capacity_variants(data: dict, small: bool) -> str:
             f"{provenance(data, small)}\n\n```\n{data['table'].rstrip()}\n```\n\nSeeds: {seeds}.")
 
 
+def render_horizon_lengths(data: dict, small: bool) -> str:
+    """Probe runs evaluated at several context lengths (the collector's rows, one per run and length) with the note
+    saying how they were trained and evaluated."""
+    note = f" {data['note']}" if data.get("note") else ""
+    return (f"**Length generalisation on BABILong-style QA1** (accuracy by distance from the fact to the question, "
+            f"one row per run and evaluation length, 256 questions each).{note}\n\n{provenance(data, small)}\n\n"
+            f"```\n{data['table'].rstrip()}\n```")
+
+
 def render_babilong_zeroshot(data: dict, small: bool) -> str:
     """Per mechanism a task x length table (accuracy % ± binomial standard error, n), the figure, what was read."""
     cfg, lengths, tasks = data["config"], data["lengths"], data["tasks"]

@@ -39,6 +39,7 @@ from render_probes import (  # noqa: E402
     render_capacity,
     render_capacity_variants,
     render_horizon,
+    render_horizon_lengths,
 )
 from render_speed import (  # noqa: E402
     render_full_attention_memory,
@@ -61,6 +62,7 @@ SECTIONS = {  # README marker name -> (benchmark field, full-size file, small va
     "horizon": ("horizon", "horizon.json", "horizon_quick.json"),
     "capacity": ("horizon", "capacity.json", "capacity_quick.json"),
     "capacity_armt_k8": ("horizon", "capacity_armt_k8.json", "capacity_armt_k8_quick.json"),
+    "horizon_babilong_armt": ("horizon", "horizon_babilong_armt.json", "horizon_babilong_armt_quick.json"),
     "babilong_zeroshot": ("babilong_zeroshot", "babilong_zeroshot.json", "babilong_zeroshot_quick.json"),
     "long_context": ("long_context", "long_context.json", "long_context_quick.json"),
     "full_attention_memory": ("full_attention_memory", "full_attention_memory.json",
@@ -82,7 +84,7 @@ def load(results_dir: Path, section: str) -> tuple[dict | None, bool]:
 RENDER = {"train_speed": render_train_speed, "train_speed_bf16": render_train_speed, "stream": render_stream,
           "stream_armt_1m": render_stream, "gpu": render_gpu, "tokenize": render_tokenize, "tasks": render_tasks,
           "horizon": render_horizon, "capacity": render_capacity, "capacity_armt_k8": render_capacity_variants,
-          "babilong_zeroshot": render_babilong_zeroshot,
+          "horizon_babilong_armt": render_horizon_lengths, "babilong_zeroshot": render_babilong_zeroshot,
           "long_context": render_long_context,
           "full_attention_memory": render_full_attention_memory, "real_tasks": render_real_tasks,
           "real_tasks_summary": render_real_tasks_summary}

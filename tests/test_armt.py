@@ -9,7 +9,7 @@ import torch
 
 from stm.loop.segments import run_segments
 from stm.memory import AssociativeMemory, ComposedMemory, RecurrentMemoryTokens, SegmentExtras, SlidingWindow
-from stm.memory.armt import AssociativeState, associative_read, associative_write, dpfp
+from stm.memory.armt import AssociativeState, associative_read, associative_write, dpfp, sequential_write
 from stm.memory.base import (
     _MERGE_RULES,
     _MERGED_TOGETHER,
@@ -63,6 +63,47 @@ def test_vectorised_write_equals_a_token_by_token_reference_loop():
             want_norm[b] += coefficient * k
     close(got_matrix, want_matrix, 1e-5)
     close(got_norm, want_norm, 1e-5)
+
+
+def test_sequential_write_equals_a_loop_where_each_token_sees_the_ones_before():
+    B, M, Fdim, Dv = 2, 5, 12, 7
+    g = torch.Generator().manual_seed(1)
+    matrix, norm = torch.randn(B, Fdim, Dv, generator=g), torch.rand(B, Fdim, generator=g)
+    keys = torch.nn.functional.normalize(torch.rand(B, M, Fdim, generator=g), dim=-1)
+    values, beta = torch.randn(B, M, Dv, generator=g), torch.rand(B, M, 1, generator=g)
+    got_matrix, got_norm = sequential_write(matrix, norm, keys, values, beta)
+
+    want_matrix, want_norm = matrix.clone(), norm.clone()
+    for b in range(B):
+        for m in range(M):  # each token against the matrix as the tokens before it left it
+            k = keys[b, m]
+            previous = (k @ want_matrix[b]) / (k @ want_norm[b] + 1e-5)
+            coefficient = min(max(1 - float(k @ want_norm[b]) / float(k @ k), 0.0), 1.0)
+            want_matrix[b] += torch.outer(k, beta[b, m, 0] * (values[b, m] - previous))
+            want_norm[b] += coefficient * k
+    close(got_matrix, want_matrix, 1e-5)
+    close(got_norm, want_norm, 1e-5)
+    parallel_matrix, _ = associative_write(matrix, norm, keys, values, beta)
+    assert (parallel_matrix - got_matrix).abs().max() > 1e-2  # the two orders differ
+
+
+def test_parallel_writes_of_one_direction_overshoot_and_sequential_ones_do_not():
+    """A key written once (its normaliser then holds it once), then 8 write tokens with that key and strength 0.9,
+    segment after segment: written at once, the read of the key moves by 8 * 0.9 times its error and diverges; one
+    after another, it reaches the value and stays."""
+    Fdim, Dv, M = 16, 4, 8
+    key = torch.nn.functional.normalize(torch.rand(Fdim), dim=0).expand(1, M, Fdim)
+    value = torch.ones(1, M, Dv)
+    beta = torch.full((1, M, 1), 0.9)
+    reads = {}
+    for name, write in (("parallel", associative_write), ("sequential", sequential_write)):
+        matrix, norm = torch.zeros(1, Fdim, Dv, dtype=torch.float64), torch.zeros(1, Fdim, dtype=torch.float64)
+        matrix, norm = write(matrix, norm, key[:, :1].double(), -value[:, :1].double(), beta[:, :1].double())
+        for _ in range(12):
+            matrix, norm = write(matrix, norm, key.double(), value.double(), beta.double())
+        reads[name] = associative_read(matrix, norm, key[:, :1].double())[0, 0]
+    close(reads["sequential"], torch.ones(Dv, dtype=torch.float64), 1e-6)
+    assert reads["parallel"].abs().min() > 1e6  # |1 - 8 * 0.9| = 6.2 per segment
 
 
 def test_a_written_key_reads_back_its_value_and_a_rewrite_keeps_only_the_newer():
@@ -134,6 +175,8 @@ def test_writes_come_from_the_chosen_layers_only():
         AssociativeMemory(layers=[3]).bind(model)
     with pytest.raises(ValueError, match="memory.armt.num_memory_tokens"):
         AssociativeMemory(num_memory_tokens=0)
+    with pytest.raises(ValueError, match="memory.armt.write_order must be 'parallel'"):
+        AssociativeMemory(write_order="serial")
 
 
 def test_gradients_reach_the_projections_through_the_memory():

@@ -13,8 +13,10 @@ tokens write to at the end of a segment and that every token of the next segment
 
 phi is the DPFP feature map (Schlag et al. 2021) of order `nu`, followed by L2 normalisation. The delta rule
 overwrites: a key written twice holds only its newer value, and the normaliser z grows only by the part of a
-key that is new (`c`), so a rewritten key keeps reading back at scale 1. All M write tokens of a segment are
-written at once, each against the matrix as the previous segments left it.
+key that is new (`c`), so a rewritten key keeps reading back at scale 1. With `write_order: parallel` (the
+paper's) all M write tokens of a segment are written at once, each against the matrix as the previous segments
+left it; with `sequential`, one after another, each against the matrix the tokens before it updated (the delta
+rule proper: it cannot overshoot when several tokens write one direction; see `sequential_write`).
 
 The state (`AssociativeState`: the memory tokens, and per layer A (B, F, D) and z (B, F), F = 2 * key_dim * nu)
 has a fixed size however long the stream is, and stays in the autograd graph for `bptt_depth` segments like
@@ -66,13 +68,29 @@ def associative_write(matrix: torch.Tensor, norm: torch.Tensor, keys: torch.Tens
     return matrix, norm + (coefficient[..., None] * keys).sum(1)
 
 
+def sequential_write(matrix: torch.Tensor, norm: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     beta: torch.Tensor, correction: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule one write token after another: token m is written against the matrix that tokens 0 .. m-1
+    of this segment have already updated. Shapes as in `associative_write`.
+
+    Written at once, M keys that point the same way each correct the same error, and the read of that direction
+    moves by about M * beta times the error: past beta = 2 / M it overshoots, and the overshoot grows segment
+    after segment (seen as matrices growing ~1,000-fold over 64 segments in a model trained on 4). One at a time,
+    each write moves the read of its key at most all the way to its value."""
+    for m in range(keys.shape[1]):
+        matrix, norm = associative_write(matrix, norm, keys[:, m:m + 1], values[:, m:m + 1], beta[:, m:m + 1],
+                                         correction)
+    return matrix, norm
+
+
 class AssociativeLayer(nn.Module):
     """The projections of one layer's associative memory: queries and keys (D -> key_dim, then DPFP of order nu
     and L2 normalisation), values (D -> D) and the write strength (D -> 1, sigmoid)."""
 
-    def __init__(self, d_model: int, key_dim: int, nu: int, correction: bool = True):
+    def __init__(self, d_model: int, key_dim: int, nu: int, correction: bool = True, write_order: str = "parallel"):
         super().__init__()
         self.nu, self.correction = nu, correction
+        self.write_fn = {"parallel": associative_write, "sequential": sequential_write}[write_order]
         self.query = nn.Linear(d_model, key_dim, bias=False)
         self.key = nn.Linear(d_model, key_dim, bias=False)
         self.value = nn.Linear(d_model, d_model, bias=False)
@@ -99,7 +117,7 @@ class AssociativeLayer(nn.Module):
         memory_tokens = memory_tokens.to(self.key.weight.dtype)
         keys = self.features(self.key, memory_tokens)
         beta = torch.sigmoid(self.beta(memory_tokens))
-        return associative_write(matrix, norm, keys, self.value(memory_tokens), beta, self.correction)
+        return self.write_fn(matrix, norm, keys, self.value(memory_tokens), beta, self.correction)
 
 
 @dataclass
@@ -128,11 +146,12 @@ class AssociativeRead(LayerMemory):
 
 class AssociativeMemory(Memory):
     """`memory=armt`. Options the paper varies: `num_memory_tokens`, the DPFP order `nu`, which `layers` carry an
-    associative matrix (None: all), and `key_dim` (the width of queries and keys before DPFP)."""
+    associative matrix (None: all), and `key_dim` (the width of queries and keys before DPFP); `write_order`:
+    `parallel` (the paper's) or `sequential` (see the module docstring)."""
 
     def __init__(self, num_memory_tokens: int = 8, nu: int = 3, key_dim: int = 32, layers: list[int] | None = None,
-                 read: bool = True, correction: bool = True, placement: str = "read_write",
-                 learned_init: bool = True, init_std: float = 0.02):
+                 read: bool = True, correction: bool = True, write_order: str = "parallel",
+                 placement: str = "read_write", learned_init: bool = True, init_std: float = 0.02):
         super().__init__()
         if num_memory_tokens is None or num_memory_tokens < 1:
             raise ValueError(f"memory.armt.num_memory_tokens must be >= 1 (the memory is written from them), "
@@ -143,6 +162,10 @@ class AssociativeMemory(Memory):
             raise ValueError(f"memory.armt.key_dim must be >= 1, got {key_dim}")
         self.tokens = RecurrentMemoryTokens(num_memory_tokens, placement, learned_init, init_std)
         self.nu, self.key_dim, self.correction, self.read_enabled = nu, key_dim, correction, read
+        if write_order not in ("parallel", "sequential"):
+            raise ValueError(f"memory.armt.write_order must be 'parallel' (the paper's: all write tokens against the "
+                             f"matrix as the previous segment left it) or 'sequential', got {write_order!r}")
+        self.write_order = write_order
         self.requested_layers = None if layers is None else [int(i) for i in layers]
         self.layers = nn.ModuleList()
         self.layer_ids: list[int] = []
@@ -162,7 +185,8 @@ class AssociativeMemory(Memory):
                              f"(0 .. {n_layers - 1}, or negative from the end), at least one")
         self.layer_ids = sorted({i % n_layers for i in ids})
         self.position = {layer: j for j, layer in enumerate(self.layer_ids)}
-        self.layers = nn.ModuleList(AssociativeLayer(backbone.d_model, self.key_dim, self.nu, self.correction)
+        self.layers = nn.ModuleList(AssociativeLayer(backbone.d_model, self.key_dim, self.nu, self.correction,
+                                                     self.write_order)
                                     for _ in self.layer_ids)
 
     def init_state(self, batch_size, device) -> AssociativeState:
@@ -196,4 +220,4 @@ class AssociativeMemory(Memory):
     def extra_repr(self) -> str:
         return (f"num_memory_tokens={self.num_memory_tokens}, nu={self.nu}, key_dim={self.key_dim}, "
                 f"layers={self.layer_ids or self.requested_layers}, read={self.read_enabled}, "
-                f"correction={self.correction}")
+                f"correction={self.correction}, write_order={self.write_order}")
