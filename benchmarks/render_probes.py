@@ -45,7 +45,7 @@ def render_horizon_lengths(data: dict, small: bool) -> str:
     saying how they were trained and evaluated."""
     note = f" {data['note']}" if data.get("note") else ""
     return (f"**Length generalisation on BABILong-style QA1** (accuracy by distance from the fact to the question, "
-            f"one row per run and evaluation length, 256 questions each).{note}\n\n{provenance(data, small)}\n\n"
+            f"one row per run and evaluation length; n: questions scored).{note}\n\n{provenance(data, small)}\n\n"
             f"```\n{data['table'].rstrip()}\n```")
 
 
