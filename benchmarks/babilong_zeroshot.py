@@ -21,6 +21,7 @@ context token (SmolLM2-135M), so 20 per task up to 8K under four mechanisms is h
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import shutil
 import statistics
@@ -84,17 +85,17 @@ def run_mechanism(mechanism: str, counts: dict[int, int], out: Path, threads: in
 
 def context_tokens(roots: list[Path]) -> dict:
     """{mechanism: {length: {n, min, mean, max}}}: the context tokens each example was read with (prompt and
-    template included), from the runs' babilong.json."""
-    out: dict = {}
+    template included), from the runs' babilong.json; several runs of one mechanism (e.g. short lengths in one run,
+    long ones in another) are pooled."""
+    read: dict[str, dict[str, list[int]]] = {}
     for path in find_runs(roots, LENGTHS_FILE):
         record = json.loads(path.read_text())
-        by_length: dict[str, list[int]] = {}
+        by_length = read.setdefault(record["mechanism"], {})
         for e in record.get("examples") or []:
             if e.get("context_tokens") is not None:
                 by_length.setdefault(e["length"], []).append(int(e["context_tokens"]))
-        out[record["mechanism"]] = {length: {"n": len(v), "min": min(v), "mean": round(statistics.fmean(v), 1),
-                                             "max": max(v)} for length, v in by_length.items()}
-    return out
+    return {mechanism: {length: {"n": len(v), "min": min(v), "mean": round(statistics.fmean(v), 1), "max": max(v)}
+                        for length, v in by_length.items()} for mechanism, by_length in read.items()}
 
 
 def model_name(config_file: Path) -> str:
@@ -107,16 +108,33 @@ def model_name(config_file: Path) -> str:
     return str(model.get("name_or_path") or model["_target_"].rsplit(".", 1)[-1])
 
 
+def kept_name(record: dict, several: bool) -> str:
+    """The file a run's babilong.json is kept as: <mechanism>.json, or <mechanism>_<lengths>.json (e.g.
+    xl_8K-16K-32K.json) where a mechanism has several runs."""
+    if not several:
+        return f"{record['mechanism']}.json"
+    return f"{record['mechanism']}_{'-'.join(length_label(n) for n in record['lengths'])}.json"
+
+
 def keep_runs(roots: list[Path], target: Path) -> None:
-    """Copy each run's babilong.json to target/<mechanism>.json."""
+    """Copy each run's babilong.json to target/ (named by kept_name); two runs of one mechanism at the same lengths
+    are an error (they would be pooled twice over if kept and collected again)."""
     if any(target.resolve() in (r.resolve(), *r.resolve().parents) for r in roots):
         return  # collecting the kept runs themselves
+    records = {path: json.loads(path.read_text()) for path in find_runs(roots, LENGTHS_FILE)}
+    per_mechanism = collections.Counter(r["mechanism"] for r in records.values())
+    names: dict[str, Path] = {}
+    for path, record in records.items():
+        name = kept_name(record, per_mechanism[record["mechanism"]] > 1)
+        if name in names:
+            raise SystemExit(f"{path} and {names[name]}: two runs of {record['mechanism']} at the same lengths; "
+                             "collect one of them")
+        names[name] = path
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    for path in find_runs(roots, LENGTHS_FILE):
-        mechanism = json.loads(path.read_text())["mechanism"]
-        shutil.copy2(path, target / f"{mechanism}.json")
+    for name, path in names.items():
+        shutil.copy2(path, target / name)
 
 
 def plot(result: dict, path: str | Path) -> None:
@@ -167,7 +185,8 @@ def collect(roots: list[Path], name: str) -> dict:
     tasks = [c for c in result["cells"] if c["task"] not in ("mean", "all")]
     full = [int(c["length"]) for c in tasks if c["mechanism"] == "full"]
     threads = sorted({r.get("threads") for r in eval_runs if r.get("threads") is not None})
-    return {"command": sweeps[0]["command"] if sweeps else command_line(), "environment": environment(),
+    commands = list(dict.fromkeys(s["command"] for s in sweeps)) or [command_line()]
+    return {"command": " && ".join(commands), "environment": environment(),
             "config": {"threads": threads[0] if len(threads) == 1 else threads or None,
                        "mechanisms": result["labels"], "lengths": [int(n) for n in result["lengths"]],
                        "per_task": {n: max(c["n"] for c in tasks if c["length"] == n) for n in result["lengths"]},

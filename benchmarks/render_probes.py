@@ -79,8 +79,11 @@ def render_babilong_zeroshot(data: dict, small: bool) -> str:
         rows = [[label] + [f"{t['mean']:.0f} ({t['min']}-{t['max']})" if (t := tokens.get(label, {}).get(n)) else "–"
                            for n in lengths] for label in data["labels"]]
         out += ["Tokens the model read per example, mean (min-max):", "", table(["mechanism"] + header[1:], rows)]
-    runs = [r for r in data.get("eval_runs") or [] if r.get("wall_s") is not None]
-    if runs:
-        out += ["", "Wall time of each eval.py run (model loading included): "
-                + ", ".join(f"{r['mechanism']} {r['wall_s'] / 60:.1f} min" for r in runs) + "."]
+    walls: dict[str, list[float]] = {}
+    for r in data.get("eval_runs") or []:
+        if r.get("wall_s") is not None:
+            walls.setdefault(r["mechanism"], []).append(r["wall_s"])
+    if walls:
+        out += ["", "Wall time of the eval.py runs (model loading included): " + ", ".join(
+            f"{m} {sum(w) / 60:.1f} min" + (f" ({len(w)} runs)" if len(w) > 1 else "") for m, w in walls.items()) + "."]
     return "\n".join(out)

@@ -242,6 +242,33 @@ def test_benchmark_arguments():
     assert [babilong_zeroshot.length_label(n) for n in (0, 1024, 32768, 1000)] == ["0", "1K", "32K", "1000"]
 
 
+STORED = ROOT / "benchmarks" / "results"
+
+
+def test_collect_pools_two_runs_of_a_mechanism(tmp_path):
+    """Short lengths in one run, long ones in another (the stored 0-2K and 4K runs of xl): one mechanism's cells
+    and tokens read over all lengths; each run kept under its own name; the same run twice is refused."""
+    from stm.analysis import lengthgen
+
+    short, long = STORED / "babilong_zeroshot" / "xl.json", STORED / "babilong_zeroshot_4k" / "xl.json"
+    if not (short.is_file() and long.is_file()):
+        pytest.skip("the stored BABILong zero-shot runs are not in benchmarks/results")
+    result = lengthgen.collect([short, long])
+    means = {c["length"]: c["n"] for c in result["cells"] if c["label"] == "xl" and c["task"] == "mean"}
+    assert means == {"0": 20, "1024": 20, "2048": 20, "4096": 10}
+    tokens = babilong_zeroshot.context_tokens([short, long])["xl"]
+    assert sorted(tokens, key=int) == ["0", "1024", "2048", "4096"] and tokens["4096"]["n"] == 10
+    assert 4000 < tokens["4096"]["mean"] <= 4096 and tokens["1024"]["max"] <= 1024
+    babilong_zeroshot.keep_runs([short, long], tmp_path / "kept")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["xl_0-1K-2K.json", "xl_4K.json"]
+    assert json.loads((tmp_path / "kept" / "xl_4K.json").read_text()) == json.loads(long.read_text())
+    twice = tmp_path / "again" / "babilong.json"
+    twice.parent.mkdir()
+    twice.write_text(long.read_text())
+    with pytest.raises(SystemExit, match="two runs of xl at the same lengths"):
+        babilong_zeroshot.keep_runs([short, long, twice], tmp_path / "kept2")
+
+
 def test_generation_only_evaluation_logs_no_target_loss(tmp_path):
     """task.target_loss=false: a probe evaluation scores every example without the teacher-forced read; no val/loss."""
     llama = save_tiny_llama(tmp_path / "llama")
