@@ -28,7 +28,8 @@ import statistics
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, RESULTS_DIR, command_line, environment, progress, run_python, save_result, set_threads
+from common import REPO_ROOT, RESULTS_DIR, command_line, environment, progress, save_result, set_threads
+from workers import run_python
 
 from stm.analysis import lengthgen
 from stm.analysis.horizon import find_runs

@@ -14,9 +14,9 @@ every position:
 Each (system, length) runs in a fresh worker process, one after the other (never two footprints at once), and
 is measured in one forward pass:
 
-- peak live tensor bytes (`common.LiveTensorBytes`): tensor storage alive at once during the pass, above the
+- peak live tensor bytes (`memory_meter.LiveTensorBytes`): tensor storage alive at once during the pass, above the
   weights and the input. Exact and repeatable: it counts tensors, not what the allocator keeps;
-- peak extra resident memory (`common.PeakMemory`): the worker's resident high-water above its size after the
+- peak extra resident memory (`memory_meter.PeakMemory`): the worker's resident high-water above its size after the
   model was built and had read 64 tokens;
 - seconds: the pass itself (it runs under the counting mode, whose cost per operation is small beside the
   attention at these lengths; on a shared CPU the time is the least reliable column).
@@ -44,6 +44,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import memory_meter  # noqa: E402
+from workers import Worker, WorkerError  # noqa: E402
 
 SYSTEMS = {
     "stm-full": "stm Transformer(attention='sdpa') read by run_segments under FullAttention() (one segment)",
@@ -101,10 +103,10 @@ class Reader:
         self.forward, params = self._build(system, shape, length)
         generator = torch.Generator().manual_seed(1234)
         self.ids = torch.randint(0, shape["vocab_size"], (1, length), generator=generator)
-        with torch.no_grad(), common.LiveTensorBytes():  # the mode's first use imports torch._dynamo (seconds)
+        with torch.no_grad(), memory_meter.LiveTensorBytes():  # the mode's first use imports torch._dynamo (seconds)
             self.forward(self.ids[:, :WARMUP_TOKENS])
-        common.release_free_memory()
-        self.peak = common.PeakMemory("cpu")
+        memory_meter.release_free_memory()
+        self.peak = memory_meter.PeakMemory("cpu")
         self.peak.start()
         self.info = {"params": params, "stm": stm_source()}
 
@@ -146,7 +148,7 @@ class Reader:
 
     def measure(self) -> dict:
         torch = self.torch
-        with torch.no_grad(), common.LiveTensorBytes() as live:
+        with torch.no_grad(), memory_meter.LiveTensorBytes() as live:
             start = time.perf_counter()
             logits = self.forward(self.ids)
             seconds = time.perf_counter() - start
@@ -160,11 +162,11 @@ def measure(system: str, length: int, shape: dict, threads: int, timeout_s: floa
     entry = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_before": common.load_average()}
     worker = None
     try:
-        worker = common.Worker(Reader, dict(system=system, length=length, shape=shape, threads=threads),
-                               f"{system}-{length}")
+        worker = Worker(Reader, dict(system=system, length=length, shape=shape, threads=threads),
+                        f"{system}-{length}")
         entry.update(worker.info)
         entry.update(worker.call("measure", timeout=timeout_s))
-    except common.WorkerError as exc:
+    except WorkerError as exc:
         entry["error"] = str(exc)
     finally:
         if worker is not None:
@@ -174,7 +176,7 @@ def measure(system: str, length: int, shape: dict, threads: int, timeout_s: floa
 
 
 def live_mib(entry: dict | None) -> float | None:
-    return common.mib(entry["live"]["peak_live_bytes"]) if entry and "live" in entry else None
+    return memory_meter.mib(entry["live"]["peak_live_bytes"]) if entry and "live" in entry else None
 
 
 def comparisons(results: dict, lengths: list[int]) -> list[dict]:
@@ -232,7 +234,7 @@ def main(argv=None) -> dict:
             results.setdefault(system, {})[str(n)] = entry
             common.progress(f"{system} {n}: " + (entry["error"].splitlines()[0] if "error" in entry else
                             f"{entry['seconds']:.1f} s, live {live_mib(entry)} MiB, resident "
-                            f"{common.mib(entry['rss']['peak_extra_bytes'])} MiB"))
+                            f"{memory_meter.mib(entry['rss']['peak_extra_bytes'])} MiB"))
     all_lengths = sorted({int(n) for per_length in results.values() for n in per_length})
     order = [s for s in SYSTEMS if s in results]
 
@@ -244,7 +246,7 @@ def main(argv=None) -> dict:
                    "dtype": "float32", "grad": False, "threads": args.threads, "warmup_tokens": WARMUP_TOKENS,
                    "systems": {s: SYSTEMS[s] for s in order},
                    "live": "peak bytes of tensor storage alive at once in the forward pass, above the weights and "
-                           "the input (common.LiveTensorBytes)",
+                           "the input (memory_meter.LiveTensorBytes)",
                    "rss": "peak resident set above the worker's size after build and a 64-token warm-up",
                    "seconds": "the forward pass, under the counting mode"},
         "results": {s: results[s] for s in order},

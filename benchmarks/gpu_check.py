@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import memory_meter  # noqa: E402
 
 PEAK_FLOPS = 989e12  # dense bf16, H100/H200 SXM
 MFU_FORMULA = ("MFU = (6 * params_non_embedding * tokens_per_s + attention_flops_per_token * tokens_per_s) / 989e12; "
@@ -76,7 +77,7 @@ def make_memory(stm, kind: str, arg: int | None):
 
 
 def error_record(exc: BaseException) -> dict:
-    return {"error": f"{type(exc).__name__}: {str(exc)[:2000]}", "out_of_memory": common.is_out_of_memory(exc),
+    return {"error": f"{type(exc).__name__}: {str(exc)[:2000]}", "out_of_memory": memory_meter.is_out_of_memory(exc),
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-4:])[-3000:]}
 
 
@@ -329,7 +330,7 @@ def train_case(stm, cfg, family, kind, opt, backend, compiled, batch, seg, n_seg
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    peak = common.PeakMemory(device)
+    peak = memory_meter.PeakMemory(device)
     peak.start()
     first = time.perf_counter()
     while True:  # the first step: compiles, and finds a micro-batch that fits
@@ -337,7 +338,7 @@ def train_case(stm, cfg, family, kind, opt, backend, compiled, batch, seg, n_seg
             first_loss = step()
             break
         except Exception as exc:  # noqa: BLE001
-            if not (on_gpu and common.is_out_of_memory(exc)) or micro == 1:
+            if not (on_gpu and memory_meter.is_out_of_memory(exc)) or micro == 1:
                 raise
             optimizer.zero_grad(set_to_none=True)
             free_cuda()

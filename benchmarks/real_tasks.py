@@ -34,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, command_line, environment, progress, run_python, save_result
+from common import REPO_ROOT, command_line, environment, progress, save_result
+from workers import run_python
 
 SETS = {  # set -> its zero-shot experiment (conf/experiment/)
     "summarization": "summarization_qmsum_zeroshot",
@@ -78,7 +79,7 @@ def set_overrides(name: str, examples: int, generate: int, quick: bool, extra: l
 
 def run_eval(overrides: list[str], mechanism: str, out: Path, threads: int) -> dict:
     """`python eval.py <overrides> lm_memory=<mechanism>` into `out`: its command, wall time, exit code and peak
-    resident set (`common.run_python`: the child's own); its output goes to out/eval.log."""
+    resident set (`workers.run_python`: the child's own); its output goes to out/eval.log."""
     args = ["eval.py", *overrides, f"lm_memory={mechanism}", f"hydra.run.dir={out}"]
     out.mkdir(parents=True, exist_ok=True)
     progress(" ".join(args))

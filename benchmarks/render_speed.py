@@ -3,7 +3,7 @@ tokenize_throughput.py, long_context.py and full_attention_memory.py (rendered b
 
 from __future__ import annotations
 
-import common
+import memory_meter
 from report_format import fmt, provenance, short_len, table
 
 # ---------------------------------------------------------------------------------------- train speed
@@ -92,7 +92,7 @@ def render_stream(data: dict, small: bool) -> str:
             if rec is None:
                 row.append("–")
             elif "s_per_token" in rec:
-                row.append(f"{rec['s_per_token'] * 1e3:.3f} / {common.mib(rec['memory']['peak_extra_bytes'])}")
+                row.append(f"{rec['s_per_token'] * 1e3:.3f} / {memory_meter.mib(rec['memory']['peak_extra_bytes'])}")
             else:
                 row.append("skipped" + (f" (projected {rec['projected_s']:.0f} s)" if rec.get("projected_s") else ""))
         rows.append(row)
@@ -199,7 +199,7 @@ def render_long_context(data: dict, small: bool) -> str:
         mark = "~" if rec.get("projected") else ""
         cache = rec.get("cache_bytes")
         return [f"{mark}{fmt(rec['prefill_s'])}", f"{mark}{fmt(rec['decode_s_per_token'] * 1e3)}",
-                f"{mark}{fmt(common.mib(rec['peak_extra_bytes']))}", fmt(common.mib(cache)),
+                f"{mark}{fmt(memory_meter.mib(rec['peak_extra_bytes']))}", fmt(memory_meter.mib(cache)),
                 f"{rec['target_ppl']:.2f}" if rec.get("target_ppl") is not None else "–"]
 
     rows = []
@@ -270,8 +270,8 @@ def render_full_attention_memory(data: dict, small: bool) -> str:
             return "–"
         if "live" not in entry:
             return "failed: " + entry.get("error", "?").splitlines()[0][:60]
-        return (f"{common.mib(entry['live']['peak_live_bytes'])} / {common.mib(entry['rss']['peak_extra_bytes'])} / "
-                f"{entry['seconds']:.3g}")
+        return (f"{memory_meter.mib(entry['live']['peak_live_bytes'])} / "
+                f"{memory_meter.mib(entry['rss']['peak_extra_bytes'])} / {entry['seconds']:.3g}")
 
     out = [f"**Working memory of full attention** (one forward pass over random tokens, batch 1, no grad, "
            f"{cfg['dtype']}, {shape['n_layers']} layers, width {shape['d_model']}, {shape['n_heads']} heads, SwiGLU "

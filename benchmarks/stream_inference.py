@@ -42,6 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import memory_meter  # noqa: E402
+from workers import Worker, WorkerError  # noqa: E402
 
 FLAT = ("none", "rmt", "armt", "xl", "swa")
 MECHANISMS = FLAT + ("full",)
@@ -108,7 +110,7 @@ class FlatStream:
         self.info = {"params": sum(p.numel() for p in self.model.parameters())
                      + sum(p.numel() for p in self.memory.parameters())}
         self.generator = torch.Generator().manual_seed(1234)
-        self.peak = common.PeakMemory("cpu")
+        self.peak = memory_meter.PeakMemory("cpu")
         self.peak.start()
         state = None
         with torch.no_grad():  # warm-up: the same work as the stream, then start afresh
@@ -160,9 +162,9 @@ class FullStream:
         generator = torch.Generator().manual_seed(1234)
         self.ids = torch.randint(0, shape["vocab_size"], (1, length), generator=generator)
         self.warm = torch.randint(0, shape["vocab_size"], (1, min(length, shape["segment_len"])), generator=generator)
-        self.cap = common.limit_address_space(memory_cap_gib * 2**30)
+        self.cap = memory_meter.limit_address_space(memory_cap_gib * 2**30)
         self.info = {"params": sum(p.numel() for p in self.model.parameters()), "address_space_cap": self.cap}
-        self.peak = common.PeakMemory("cpu")
+        self.peak = memory_meter.PeakMemory("cpu")
         self.peak.start()
 
     def forward(self) -> dict:
@@ -210,14 +212,14 @@ def run_full(args, shape, lengths, deadline, results) -> None:
         common.progress(f"full: one forward over {length} tokens")
         worker = None
         try:
-            worker = common.Worker(FullStream, dict(length=length, shape=shape, threads=args.threads,
-                                                    memory_cap_gib=args.full_memory_gib), f"full-{length}")
+            worker = Worker(FullStream, dict(length=length, shape=shape, threads=args.threads,
+                                             memory_cap_gib=args.full_memory_gib), f"full-{length}")
             out = worker.call("forward", timeout=max(4 * args.full_limit_s, 120))
             rec.update(out)
             points.append((length, out["seconds"]))
             common.progress(f"full {length}: {out['seconds']:.1f} s, "
-                            f"{common.mib(out['memory']['peak_extra_bytes'])} MiB extra")
-        except common.WorkerError as exc:
+                            f"{memory_meter.mib(out['memory']['peak_extra_bytes'])} MiB extra")
+        except WorkerError as exc:
             oom = "out of memory" in str(exc) or "died" in str(exc)
             rec["skipped"] = ("did not fit: " if oom else "failed: ") + str(exc).splitlines()[0]
             rec["error"] = str(exc)
@@ -233,8 +235,8 @@ def run_flat(args, shape, mechanisms, lengths, deadline, results) -> None:
     for mech in mechanisms:
         common.progress(f"building {mech}")
         try:
-            workers[mech] = common.Worker(FlatStream, dict(mechanism=mech, shape=shape, threads=args.threads), mech)
-        except common.WorkerError as exc:
+            workers[mech] = Worker(FlatStream, dict(mechanism=mech, shape=shape, threads=args.threads), mech)
+        except WorkerError as exc:
             results[mech] = {"error": str(exc)}
     for mech in workers:
         results[mech] = {}
@@ -262,14 +264,14 @@ def run_flat(args, shape, mechanisms, lengths, deadline, results) -> None:
                     continue
                 try:
                     status[m] = workers[m].call("advance", todo)
-                except common.WorkerError as exc:
+                except WorkerError as exc:
                     results[m][str(length)] = {"tokens": length, "error": str(exc),
                                                "skipped": "failed: " + str(exc).splitlines()[0]}
                     workers.pop(m).kill()
         for m in workers:
             results[m][str(length)] = dict(status[m])
             common.progress(f"{m} {length}: {status[m]['s_per_token'] * 1e3:.3f} ms/token, "
-                            f"{common.mib(status[m]['memory']['peak_extra_bytes'])} MiB extra")
+                            f"{memory_meter.mib(status[m]['memory']['peak_extra_bytes'])} MiB extra")
     for w in workers.values():
         w.close()
 

@@ -46,8 +46,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import memory_meter  # noqa: E402
 from train_speed_peers import d_ff_of  # noqa: E402
 from train_speed_systems import KERNEL_OPS, TrainSystem  # noqa: E402
+from workers import Worker, WorkerError  # noqa: E402
 
 OURS = ("none", "full", "rmt", "armt", "xl", "swa")
 PEERS = ("xt-full", "xt-local", "la-local", "xt-xl", "rmt-pytorch", "hf-llama")
@@ -123,10 +125,10 @@ def main(argv=None) -> dict:
             name = system_key(system, precision)
             common.progress(f"building {name}")
             try:
-                workers[name] = common.Worker(TrainSystem, dict(system=system, shape=shape, threads=args.threads,
-                                                                precision=precision), name)
+                workers[name] = Worker(TrainSystem, dict(system=system, shape=shape, threads=args.threads,
+                                                         precision=precision), name)
                 systems[name] = {**workers[name].info, "times_s": [], "losses": []}
-            except common.WorkerError as exc:
+            except WorkerError as exc:
                 systems[name] = {"error": str(exc)}
                 common.progress(f"{name} failed to build: {str(exc).splitlines()[0]}")
             systems[name].update(system=system, precision=precision)
@@ -134,7 +136,7 @@ def main(argv=None) -> dict:
     def one_step(name):
         try:
             out = workers[name].call("step")
-        except common.WorkerError as exc:
+        except WorkerError as exc:
             systems[name]["error"] = str(exc)
             common.progress(f"{name} failed: {str(exc).splitlines()[0]}")
             workers.pop(name).kill()
@@ -146,7 +148,7 @@ def main(argv=None) -> dict:
         if name in workers:
             try:
                 workers[name].call("trim")
-            except common.WorkerError:
+            except WorkerError:
                 pass
 
     # Warm-up: every system's first steps, one system after the other; each then gives its free memory
@@ -184,12 +186,12 @@ def main(argv=None) -> dict:
     for name, worker in workers.items():
         try:
             systems[name]["memory"] = worker.call("memory")
-        except common.WorkerError as exc:
+        except WorkerError as exc:
             systems[name]["memory"] = {"error": str(exc)}
         try:  # after the memory record: the profiled step may hold more
             systems[name].update(worker.call("profile"))
             common.progress(f"profiled {name}: {systems[name]['kernel_s']:.2f} s in matmul/attention kernels")
-        except common.WorkerError as exc:
+        except WorkerError as exc:
             systems[name]["profile_error"] = str(exc)
         worker.close()
 
@@ -200,7 +202,7 @@ def main(argv=None) -> dict:
             rec["tokens_per_s"] = rec["tokens_per_step"] / rec["seconds_per_step"]
             rec["loss_finite"] = all(math.isfinite(x) for x in rec["losses"])
         mem = rec.get("memory") or {}
-        rec["peak_extra_mib"] = common.mib(mem.get("peak_extra_bytes"))
+        rec["peak_extra_mib"] = memory_meter.mib(mem.get("peak_extra_bytes"))
 
     comparisons = []
     for precision, base in ((p, o) for p in args.precisions for o in OURS if o in MATCHING_PEERS):

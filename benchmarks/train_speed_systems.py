@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import memory_meter  # noqa: E402
 from train_speed_peers import PeerModels  # noqa: E402
 
 # the compute kernels every system calls: dense matmuls, and (matched by name) SDPA's fused attention ops,
@@ -49,7 +50,7 @@ class TrainSystem(PeerModels):
             "threads": torch.get_num_threads(),
         }
         self.losses: list[float] = []
-        self.peak = common.PeakMemory("cpu")
+        self.peak = memory_meter.PeakMemory("cpu")
         self.peak.start()
 
     # each builder returns (modules whose parameters train, a function computing the loss, description)
@@ -118,5 +119,5 @@ class TrainSystem(PeerModels):
         return self.peak.record()
 
     def trim(self) -> int:
-        common.release_free_memory()
-        return common.rss_bytes()
+        memory_meter.release_free_memory()
+        return memory_meter.rss_bytes()

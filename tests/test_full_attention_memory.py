@@ -33,7 +33,7 @@ from stm.models import Transformer
 from stm.models.hf import HFCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import LiveTensorBytes  # noqa: E402
+from memory_meter import LiveTensorBytes  # noqa: E402
 
 VOCAB = 300
 

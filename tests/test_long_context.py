@@ -1,5 +1,6 @@
-"""benchmarks/long_context.py: the growth fit that projects hf's long points, and its --quick path on a tiny random
-Llama (stm xl against Hugging Face generate), whose results file must hold consistent figures; SmolLM2 (slow)."""
+"""benchmarks/long_context.py: the growth fit that projects hf's long points (benchmarks/growth_fit.py), and
+its --quick path on a tiny random Llama (stm xl against Hugging Face generate), whose results file must hold
+consistent figures; SmolLM2 (slow)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from conftest import ROOT, run_script, save_tiny_llama
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import long_context  # noqa: E402
+import growth_fit  # noqa: E402
 import render_speed  # noqa: E402
 
 NEW_TOKENS = 16
@@ -24,35 +25,35 @@ def test_fit_growth_recovers_a_known_quadratic_exactly():
         return 7.5 + 2e-3 * n + 3e-7 * n * n
 
     points = [(n, y(n)) for n in (4096, 8192, 16384, 32768)]
-    fit = long_context.fit_growth(points, 2)
+    fit = growth_fit.fit_growth(points, 2)
     assert set(fit) == {0, 1, 2}
     for power, want in ((0, 7.5), (1, 2e-3), (2, 3e-7)):
         assert math.isclose(fit[power], want, rel_tol=1e-8), (power, fit)
-    assert math.isclose(long_context.project(fit, 65536), y(65536), rel_tol=1e-10)
+    assert math.isclose(growth_fit.project(fit, 65536), y(65536), rel_tol=1e-10)
     # fewer points than terms: only the highest powers, through the origin
-    two = long_context.fit_growth([(1000, 5.0), (2000, 14.0)], 2)  # 5 = 1000 b + 1e6 c, 14 = 2000 b + 4e6 c
+    two = growth_fit.fit_growth([(1000, 5.0), (2000, 14.0)], 2)  # 5 = 1000 b + 1e6 c, 14 = 2000 b + 4e6 c
     assert set(two) == {1, 2} and math.isclose(two[2], 2e-6) and math.isclose(two[1], 3e-3)
-    one = long_context.fit_growth([(512, 2.0)], 2)
-    assert set(one) == {2} and math.isclose(long_context.project(one, 1024), 8.0)
-    assert long_context.fit_growth([(512, 2.0)], 1) == {1: 2.0 / 512}
+    one = growth_fit.fit_growth([(512, 2.0)], 2)
+    assert set(one) == {2} and math.isclose(growth_fit.project(one, 1024), 8.0)
+    assert growth_fit.fit_growth([(512, 2.0)], 1) == {1: 2.0 / 512}
     with pytest.raises(ValueError, match="at least one"):
-        long_context.fit_growth([], 2)
+        growth_fit.fit_growth([], 2)
 
 
 def test_a_fit_that_bends_down_is_held_at_linear_growth():
     points = [(1000, 10.0), (2000, 30.0), (3000, 40.0)]  # a quadratic through these falls after 3000
-    fit = long_context.fit_growth(points, 2)
-    assert fit[2] < 0 and long_context.project(fit, 8000) < 40.0
-    assert long_context.project_growing(points, 2, 8000) == pytest.approx(40.0 * 8000 / 3000)
-    assert long_context.project_growing([(1000, 5.0), (2000, 4.0)], 1, 8000) == 4.0  # a linear fit: held level
-    assert long_context.project_growing([(1000, 5.0), (2000, 7.0)], 1, 8000) == pytest.approx(19.0)
+    fit = growth_fit.fit_growth(points, 2)
+    assert fit[2] < 0 and growth_fit.project(fit, 8000) < 40.0
+    assert growth_fit.project_growing(points, 2, 8000) == pytest.approx(40.0 * 8000 / 3000)
+    assert growth_fit.project_growing([(1000, 5.0), (2000, 4.0)], 1, 8000) == 4.0  # a linear fit: held level
+    assert growth_fit.project_growing([(1000, 5.0), (2000, 7.0)], 1, 8000) == pytest.approx(19.0)
 
 
 def test_projected_hf_points_follow_the_measured_growth():
     measured = {n: {"prefill_s": 1e-6 * n * n + 1e-3 * n, "point_s": 2e-6 * n * n,
                     "decode_s_per_token": 0.01 + 1e-6 * n, "peak_extra_bytes": 1000 + 4096 * n}
                 for n in (4096, 8192, 16384)}
-    rec = long_context.projected_hf(measured, 65536, "a reason")
+    rec = growth_fit.projected_hf(measured, 65536, "a reason")
     assert rec["projected"] is True and rec["reason"] == "a reason" and rec["from_lengths"] == [4096, 8192, 16384]
     assert rec["prefill_s"] == pytest.approx(1e-6 * 65536 ** 2 + 1e-3 * 65536, rel=1e-9)
     assert rec["decode_s_per_token"] == pytest.approx(0.01 + 1e-6 * 65536, rel=1e-9)
