@@ -229,6 +229,20 @@ def fake_run(folder: Path, mechanism: str, seed: int, correct: list[int], count:
     return folder / "horizon.json"
 
 
+@pytest.mark.parametrize("data, trained", [
+    ({"curriculum": [{"length": 10, "until_step": 5}, {"length": 256}], "train_source": {"length": 512}}, 256),
+    ({"curriculum": [{"target_length": 1000, "until_step": 300}, {"target_length": 2000}]}, 2000),
+    ({"curriculum": [{"length": 128, "until_step": 500}, {}], "train_source": {"length": 256}}, 256),  # to the end
+    ({"train_source": {"target_length": 500}}, 500),
+    ({"batch_size": 4}, None),
+])
+def test_training_record_names_the_longest_training_context(data, trained):
+    from stm.tasks.horizon_report import training_record
+
+    record = training_record({"task": {"optimizer": {"lr": 1e-3}}, "trainer": {"max_steps": 9}, "data": data})
+    assert record.get("trained_length") == trained and record["lr"] == 1e-3 and record["max_steps"] == 9
+
+
 def test_horizon_pools_seeds_and_tells_lengths_apart(tmp_path):
     fake_run(tmp_path / "a" / "0", "rmt", 0, [1, 2, 3], [2, 4, 6], far=1.0)
     fake_run(tmp_path / "a" / "1", "rmt", 1, [0, 1, 1], [2, 4, 6], far=0.2)
@@ -279,7 +293,8 @@ def test_horizon_sweep_writes_one_curve_per_mechanism(horizon_sweep, tmp_path):
     assert [row["mechanism"] for row in saved["rows"]] == ["none", "rmt"]
     for f in files:
         record = load_json(f)
-        assert record["training"] == {"lr": 1e-3, "max_steps": 6, "batch_size": 8}  # as the sweep set them
+        # as the sweep set them; the longest training context is the curriculum's last stage (256 bytes)
+        assert record["training"] == {"lr": 1e-3, "max_steps": 6, "batch_size": 8, "trained_length": 256}
         curve = result["curves"][record["mechanism"]]
         assert curve["count"] == [b["count"] for b in record["buckets"]]
         assert curve["correct"] == [b["correct"]["exact_match"] for b in record["buckets"]]

@@ -21,13 +21,26 @@ def mechanism_name(run_config: dict | None, memory) -> str:
 
 def training_record(run_config: dict | None) -> dict:
     """How the run was trained, for telling runs of one mechanism apart: the learning rate, the steps and the
-    batch size as configured ({} without a config)."""
+    batch size as configured, and `trained_length`, the longest training context (the last curriculum stage's
+    `length` / `target_length`, else the training source's) ({} without a config)."""
     cfg = run_config or {}
     optimizer = ((cfg.get("task") or {}).get("optimizer") or {})
+    data = cfg.get("data") or {}
     return {key: value for key, value in (("lr", optimizer.get("lr")),
                                           ("max_steps", (cfg.get("trainer") or {}).get("max_steps")),
-                                          ("batch_size", (cfg.get("data") or {}).get("batch_size")))
+                                          ("batch_size", data.get("batch_size")),
+                                          ("trained_length", _trained_length(data)))
             if value is not None}
+
+
+def _trained_length(data: dict) -> int | None:
+    """The training context length in the source's unit: the last curriculum stage's, else the train source's."""
+    stages = data.get("curriculum") or []
+    for tree in ([stages[-1]] if stages else []) + [data.get("train_source") or {}]:
+        for key in ("length", "target_length"):
+            if isinstance(tree, dict) and tree.get(key) is not None:
+                return tree[key]
+    return None
 
 
 def _one_or_all(values: set) -> int | list[int] | None:
