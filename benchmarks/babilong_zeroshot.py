@@ -187,6 +187,8 @@ def collect(roots: list[Path], name: str) -> dict:
     full = [int(c["length"]) for c in tasks if c["mechanism"] == "full"]
     threads = sorted({r.get("threads") for r in eval_runs if r.get("threads") is not None})
     commands = list(dict.fromkeys(s["command"] for s in sweeps)) or [command_line()]
+    # the model from the first run that kept its config (runs collected from kept babilong.json files have none)
+    configs = [c for c in (path.parent / "config_resolved.yaml" for path in records) if c.is_file()]
     return {"command": " && ".join(commands), "environment": environment(),
             "config": {"threads": threads[0] if len(threads) == 1 else threads or None,
                        "mechanisms": result["labels"], "lengths": [int(n) for n in result["lengths"]],
@@ -195,7 +197,7 @@ def collect(roots: list[Path], name: str) -> dict:
                        "memory": {r["mechanism"]: r["memory"] for r in records.values()},
                        "val_source": first.get("val_source")},
             "eval_runs": eval_runs, "context_tokens": context_tokens(roots),
-            **result, "model": model_name(first_path.parent / "config_resolved.yaml")}
+            **result, "model": model_name(configs[0] if configs else first_path.parent / "config_resolved.yaml")}
 
 
 def main() -> None:

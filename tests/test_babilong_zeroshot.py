@@ -250,7 +250,7 @@ def test_collect_pools_two_runs_of_a_mechanism(tmp_path):
     and tokens read over all lengths; each run kept under its own name; the same run twice is refused."""
     from stm.analysis import lengthgen
 
-    short, long = STORED / "babilong_zeroshot" / "xl.json", STORED / "babilong_zeroshot_4k" / "xl.json"
+    short, long = STORED / "babilong_zeroshot" / "xl_0-1K-2K.json", STORED / "babilong_zeroshot" / "xl_4K.json"
     if not (short.is_file() and long.is_file()):
         pytest.skip("the stored BABILong zero-shot runs are not in benchmarks/results")
     result = lengthgen.collect([short, long])
