@@ -84,13 +84,17 @@ def run_mechanism(mechanism: str, counts: dict[int, int], out: Path, threads: in
     return record
 
 
-def context_tokens(roots: list[Path]) -> dict:
+def read_runs(roots: list[Path]) -> dict[Path, dict]:
+    """{path: record} for every babilong.json under `roots`, each file read once."""
+    return {path: json.loads(path.read_text()) for path in find_runs(roots, LENGTHS_FILE)}
+
+
+def context_tokens(records: dict[Path, dict]) -> dict:
     """{mechanism: {length: {n, min, mean, max}}}: the context tokens each example was read with (prompt and
-    template included), from the runs' babilong.json; several runs of one mechanism (e.g. short lengths in one run,
-    long ones in another) are pooled."""
+    template included), from the runs' babilong.json records (read_runs); several runs of one mechanism (e.g.
+    short lengths in one run, long ones in another) are pooled."""
     read: dict[str, dict[str, list[int]]] = {}
-    for path in find_runs(roots, LENGTHS_FILE):
-        record = json.loads(path.read_text())
+    for record in records.values():
         by_length = read.setdefault(record["mechanism"], {})
         for e in record.get("examples") or []:
             if e.get("context_tokens") is not None:
@@ -117,12 +121,11 @@ def kept_name(record: dict, several: bool) -> str:
     return f"{record['mechanism']}_{'-'.join(length_label(n) for n in record['lengths'])}.json"
 
 
-def keep_runs(roots: list[Path], target: Path) -> None:
-    """Copy each run's babilong.json to target/ (named by kept_name); two runs of one mechanism at the same lengths
-    are an error (they would be pooled twice over if kept and collected again)."""
+def keep_runs(roots: list[Path], records: dict[Path, dict], target: Path) -> None:
+    """Copy each run's babilong.json (`records`, from read_runs(roots)) to target/ (named by kept_name); two runs of
+    one mechanism at the same lengths are an error (they would be pooled twice over if kept and collected again)."""
     if any(target.resolve() in (r.resolve(), *r.resolve().parents) for r in roots):
         return  # collecting the kept runs themselves
-    records = {path: json.loads(path.read_text()) for path in find_runs(roots, LENGTHS_FILE)}
     per_mechanism = collections.Counter(r["mechanism"] for r in records.values())
     names: dict[str, Path] = {}
     for path, record in records.items():
@@ -178,8 +181,8 @@ def collect(roots: list[Path], name: str) -> dict:
     (their commands and wall times, sample counts per task and length, mechanisms and their options, the
     tokens read); each run's babilong.json is kept under results/<name>/."""
     result = lengthgen.collect(roots)
-    keep_runs(roots, RESULTS_DIR / name)
-    records = {path: json.loads(path.read_text()) for path in find_runs(roots, LENGTHS_FILE)}
+    records = read_runs(roots)
+    keep_runs(roots, records, RESULTS_DIR / name)
     first_path, first = next(iter(records.items()))
     sweeps = [json.loads(p.read_text()) for p in find_runs(roots, SWEEP_FILE)]
     eval_runs = [json.loads(p.read_text()) for p in find_runs(roots, RUN_FILE)]
@@ -196,7 +199,7 @@ def collect(roots: list[Path], name: str) -> dict:
                        "full_max": max(full) if full else None, "segment_len": first.get("segment_len"),
                        "memory": {r["mechanism"]: r["memory"] for r in records.values()},
                        "val_source": first.get("val_source")},
-            "eval_runs": eval_runs, "context_tokens": context_tokens(roots),
+            "eval_runs": eval_runs, "context_tokens": context_tokens(records),
             **result, "model": model_name(configs[0] if configs else first_path.parent / "config_resolved.yaml")}
 
 

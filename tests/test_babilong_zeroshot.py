@@ -256,17 +256,19 @@ def test_collect_pools_two_runs_of_a_mechanism(tmp_path):
     result = lengthgen.collect([short, long])
     means = {c["length"]: c["n"] for c in result["cells"] if c["label"] == "xl" and c["task"] == "mean"}
     assert means == {"0": 20, "1024": 20, "2048": 20, "4096": 10}
-    tokens = babilong_zeroshot.context_tokens([short, long])["xl"]
+    records = babilong_zeroshot.read_runs([short, long])
+    tokens = babilong_zeroshot.context_tokens(records)["xl"]
     assert sorted(tokens, key=int) == ["0", "1024", "2048", "4096"] and tokens["4096"]["n"] == 10
     assert 4000 < tokens["4096"]["mean"] <= 4096 and tokens["1024"]["max"] <= 1024
-    babilong_zeroshot.keep_runs([short, long], tmp_path / "kept")
+    babilong_zeroshot.keep_runs([short, long], records, tmp_path / "kept")
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["xl_0-1K-2K.json", "xl_4K.json"]
     assert json.loads((tmp_path / "kept" / "xl_4K.json").read_text()) == json.loads(long.read_text())
     twice = tmp_path / "again" / "babilong.json"
     twice.parent.mkdir()
     twice.write_text(long.read_text())
     with pytest.raises(SystemExit, match="two runs of xl at the same lengths"):
-        babilong_zeroshot.keep_runs([short, long, twice], tmp_path / "kept2")
+        babilong_zeroshot.keep_runs([short, long, twice], babilong_zeroshot.read_runs([short, long, twice]),
+                                    tmp_path / "kept2")
 
 
 def test_generation_only_evaluation_logs_no_target_loss(tmp_path):
