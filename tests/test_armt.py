@@ -165,6 +165,42 @@ def test_the_first_segment_reads_an_empty_memory_and_later_ones_do_not():
     close(got[:, :8], want[:, :8])
 
 
+def test_without_recurrent_tokens_only_the_matrices_carry_the_past():
+    """recurrent_tokens=false: every segment starts from the learned tokens, so with the read off a segment's logits
+    do not depend on the segments before it; with the read on they do, through the matrices alone."""
+    model, x = make_model(), torch.randint(0, V, (2, 24))
+    other = x.clone()
+    other[:, :16] = torch.randint(0, V, (2, 16))  # different first two segments, same third
+    cut = armt(model, recurrent_tokens=False, read=False, placement="write")
+    a, b = (run_segments(model, cut, t, segment_len=8, return_logits=True) for t in (x, other))
+    close(a.logits[:, 16:], b.logits[:, 16:])
+    assert a.state.matrices[0].abs().sum() > 0  # the matrices are still written
+    initial = cut.tokens.initial_memory.unsqueeze(0).expand(2, -1, -1)
+    close(a.state.memory_tokens, initial, tol=0)  # the tokens never change
+    on = armt(model, recurrent_tokens=False, placement="write")
+    on.load_state_dict(cut.state_dict())
+    a, b = (run_segments(model, on, t, segment_len=8, return_logits=True) for t in (x, other))
+    assert (a.logits[:, 16:] - b.logits[:, 16:]).abs().max() > 1e-3
+    close(a.logits[:, :8], run_segments(model, cut, x[:, :8], segment_len=8, return_logits=True).logits)
+    with pytest.raises(ValueError, match="memory.armt.recurrent_tokens=false needs learned_init=true"):
+        AssociativeMemory(recurrent_tokens=False, learned_init=False)
+    with pytest.raises(ValueError, match="memory.armt.recurrent_tokens must be true"):
+        AssociativeMemory(recurrent_tokens="no")
+
+
+def test_without_recurrent_tokens_the_learned_tokens_train_from_every_segment():
+    """The learned tokens enter every segment, so a loss on the last segment alone reaches them (directly, and
+    through what earlier segments wrote) even where the state was detached between segments."""
+    model = make_model().train()
+    a = armt(model, recurrent_tokens=False)
+    x = torch.randint(0, V, (2, 24))
+    labels = torch.full_like(x, -100)
+    labels[:, -8:] = x[:, -8:]
+    run_segments(model, a, x, segment_len=8, labels=labels, bptt_depth=1).loss.backward()
+    assert a.tokens.initial_memory.grad.abs().sum() > 0
+    assert all(layer.query.weight.grad.abs().sum() > 0 for layer in a.layers)
+
+
 def test_writes_come_from_the_chosen_layers_only():
     model = make_model(n_layers=3)
     a = armt(model, layers=[0, -1])

@@ -18,6 +18,11 @@ paper's) all M write tokens of a segment are written at once, each against the m
 left it; with `sequential`, one after another, each against the matrix the tokens before it updated (the delta
 rule proper: it cannot overshoot when several tokens write one direction; see `sequential_write`).
 
+With `recurrent_tokens: false` the memory tokens do not recur: every segment starts from the same learned tokens
+and only the associative matrices carry the past (the layout of the paper's public code; with `placement: write`
+the tokens sit after the segment and only write). The state then has no path through the tokens' hidden states,
+which otherwise change with every segment read.
+
 The state (`AssociativeState`: the memory tokens, and per layer A (B, F, D) and z (B, F), F = 2 * key_dim * nu)
 has a fixed size however long the stream is, and stays in the autograd graph for `bptt_depth` segments like
 rmt's tokens. With `read: false` the matrices are written but never read: the mechanism is exactly rmt.
@@ -147,11 +152,13 @@ class AssociativeRead(LayerMemory):
 class AssociativeMemory(Memory):
     """`memory=armt`. Options the paper varies: `num_memory_tokens`, the DPFP order `nu`, which `layers` carry an
     associative matrix (None: all), and `key_dim` (the width of queries and keys before DPFP); `write_order`:
-    `parallel` (the paper's) or `sequential` (see the module docstring)."""
+    `parallel` (the paper's) or `sequential`; `recurrent_tokens`: whether the memory tokens' outputs become the next
+    segment's memory tokens (as in rmt) or every segment starts from the learned tokens (see the module docstring)."""
 
     def __init__(self, num_memory_tokens: int = 8, nu: int = 3, key_dim: int = 32, layers: list[int] | None = None,
                  read: bool = True, correction: bool = True, write_order: str = "parallel",
-                 placement: str = "read_write", learned_init: bool = True, init_std: float = 0.02):
+                 placement: str = "read_write", learned_init: bool = True, init_std: float = 0.02,
+                 recurrent_tokens: bool = True):
         super().__init__()
         if num_memory_tokens is None or num_memory_tokens < 1:
             raise ValueError(f"memory.armt.num_memory_tokens must be >= 1 (the memory is written from them), "
@@ -166,6 +173,13 @@ class AssociativeMemory(Memory):
             raise ValueError(f"memory.armt.write_order must be 'parallel' (the paper's: all write tokens against the "
                              f"matrix as the previous segment left it) or 'sequential', got {write_order!r}")
         self.write_order = write_order
+        if not isinstance(recurrent_tokens, bool):
+            raise ValueError(f"memory.armt.recurrent_tokens must be true (the tokens recur as in rmt) or false (every "
+                             f"segment starts from the learned tokens), got {recurrent_tokens!r}")
+        if not recurrent_tokens and not learned_init:
+            raise ValueError("memory.armt.recurrent_tokens=false needs learned_init=true: otherwise every segment's "
+                             "memory tokens are zeros and nothing can be learnt about what to write")
+        self.recurrent_tokens = recurrent_tokens
         self.requested_layers = None if layers is None else [int(i) for i in layers]
         self.layers = nn.ModuleList()
         self.layer_ids: list[int] = []
@@ -201,7 +215,10 @@ class AssociativeMemory(Memory):
         return AssociativeState(tokens, matrices, norms)
 
     def prepare(self, state: AssociativeState) -> SegmentExtras:
-        extras = self.tokens.prepare(state.memory_tokens)
+        tokens = state.memory_tokens
+        if not self.recurrent_tokens:  # the learned tokens themselves, so that every segment trains them
+            tokens = self.tokens.init_state(tokens.shape[0], tokens.device)
+        extras = self.tokens.prepare(tokens)
         extras.layer_memory = AssociativeRead(self, state)
         return extras
 
@@ -215,9 +232,11 @@ class AssociativeMemory(Memory):
             matrix, norm = self.layers[j].write(written, state.matrices[j], state.norms[j])
             matrices.append(matrix)
             norms.append(norm)
-        return AssociativeState(self.tokens.update(state.memory_tokens, outputs), matrices, norms)
+        tokens = self.tokens.update(state.memory_tokens, outputs) if self.recurrent_tokens else state.memory_tokens
+        return AssociativeState(tokens, matrices, norms)
 
     def extra_repr(self) -> str:
         return (f"num_memory_tokens={self.num_memory_tokens}, nu={self.nu}, key_dim={self.key_dim}, "
                 f"layers={self.layer_ids or self.requested_layers}, read={self.read_enabled}, "
-                f"correction={self.correction}, write_order={self.write_order}")
+                f"correction={self.correction}, write_order={self.write_order}, "
+                f"recurrent_tokens={self.recurrent_tokens}")
