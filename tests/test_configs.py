@@ -36,7 +36,9 @@ PRETRAINED_EXPERIMENTS = {"babilong", *ZEROSHOT_EXPERIMENTS}
 
 
 @pytest.mark.parametrize("group,option", [
-    (g, o) for g in ("model", "memory", "task", "data", "trainer", "logger", "callbacks", "experiment", "debug")
+    # the pretrained experiments load SmolLM2-135M (20-80 s each on 2 cores): in the full suite, not the fast tier
+    pytest.param(g, o, marks=pytest.mark.slow) if g == "experiment" and o in PRETRAINED_EXPERIMENTS else (g, o)
+    for g in ("model", "memory", "task", "data", "trainer", "logger", "callbacks", "experiment", "debug")
     # these need a value, a package, a GPU or the shared data (model=hf: a path; smollm2: the pretrained extra,
     # tests/test_hf.py; gpu / ddp trainers and *_gpu experiments: a GPU, tests/test_tasks.py checks they compose;
     # data=conditional: ../shared/data, tests/test_conditional.py)
