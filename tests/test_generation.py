@@ -64,6 +64,51 @@ def test_greedy_generation_with_cache_equals_without(name):
     assert torch.equal(with_cache, without)
 
 
+@pytest.mark.parametrize("name", list(MECHANISMS))
+def test_extending_the_final_segment_decodes_it_as_one_longer_segment(name):
+    """segment_overflow="extend": the context's whole segments go into the memory, then the final segment (7
+    context tokens of a segment of 8, so decoding crosses where a boundary would be) grows by every new token and
+    is never pushed: greedy tokens equal a reference that re-reads the growing final segment under the memory
+    state of the whole segments, with and without the cache, alone and in a batch of rows of other lengths."""
+    from dataclasses import replace
+
+    from stm.loop.segments import run_segments
+
+    model, memory = make(name, seed=3)
+    ctx = context(T=23, seed=5)
+    if memory.segmented:
+        with torch.no_grad():
+            state = run_segments(model, memory, ctx[:, :16], segment_len=8).state
+            tail, want = ctx[:, 16:], []
+            for _ in range(12):
+                logits = model(tail, extras=replace(memory.prepare(state), suffix=None)).logits[:, -1]
+                want.append(logits.argmax(-1))
+                tail = torch.cat([tail, want[-1][:, None]], dim=1)
+        want = torch.stack(want, dim=1)
+    else:  # full attention reads the context as one segment: nothing to push, the option changes nothing
+        want = generate(model, memory, ctx, segment_len=8, max_new_tokens=12)
+    got = generate(model, memory, ctx, segment_len=8, max_new_tokens=12, segment_overflow="extend")
+    assert torch.equal(got, want)
+    assert torch.equal(generate(model, memory, ctx, segment_len=8, max_new_tokens=12, use_cache=False,
+                                segment_overflow="extend"), want)
+    together, alone, _, _ = together_and_alone(model, memory, rows_of(), max_new_tokens=10,
+                                               segment_overflow="extend")
+    assert together == alone
+
+
+def test_pushing_and_extending_differ_only_once_a_boundary_is_crossed():
+    """rmt: while the final segment has room both give the same tokens; once decoding fills it, "push" goes on in
+    a new segment that sees only the memory and "extend" keeps the context's last tokens in view, so they part."""
+    model, memory = make("rmt", seed=3)
+    ctx = context(T=20, seed=5)  # 4 context tokens in the final segment: room for 4 more
+    push = generate(model, memory, ctx, segment_len=8, max_new_tokens=12)
+    extend = generate(model, memory, ctx, segment_len=8, max_new_tokens=12, segment_overflow="extend")
+    assert torch.equal(push[:, :5], extend[:, :5])  # the 5th token is predicted from a full segment in both
+    assert not torch.equal(push, extend)
+    with pytest.raises(ValueError, match="segment_overflow must be one of"):
+        generate(model, memory, ctx, segment_len=8, max_new_tokens=2, segment_overflow="grow")
+
+
 def test_cached_decoding_feeds_one_token_per_step():
     """What makes the cache worth having: after the first read, each step runs the model on 1 token."""
     model, memory = make("xl")

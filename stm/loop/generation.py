@@ -10,8 +10,11 @@ The context's whole segments go through the segment loop (`stm.loop.segments.run
 - without it, each step re-reads the final segment (the reference the cache is tested against).
 
 When the final segment fills up, it is read once more with the memory's write tokens and pushed into the
-memory state, and a new segment begins. No write tokens are used while decoding (they come after the
-tokens and cannot change their logits).
+memory state, and a new segment begins (`segment_overflow="push"`, the default). With `segment_overflow="extend"`
+the final segment grows past `segment_len` instead, so that what is decoded stays in one segment with the
+context's last tokens (the reference generate of RMT / ARMT works this way): a short answer to a question at the
+end of a context is then never cut from its question by a segment boundary that happens to fall inside it. No
+write tokens are used while decoding (they come after the tokens and cannot change their logits).
 
 Batches of rows of different lengths: each row keeps its own memory state and its own segments (counted from its
 own start), and every row gives the tokens it gives alone (tests/test_generation.py checks equal token ids):
@@ -120,6 +123,9 @@ class _Row:
     logits: torch.Tensor | None = None    # (V,) the next token's logits
 
 
+SEGMENT_OVERFLOW = ("push", "extend")
+
+
 def context_rows(context_ids) -> list[torch.Tensor]:
     """The rows of a context batch as 1-D token tensors: a (B, T) tensor, or a sequence of 1-D tensors or lists
     of token ids (rows of different lengths)."""
@@ -141,11 +147,15 @@ class SegmentDecoder:
     """
 
     def __init__(self, model: nn.Module, memory: Memory, context_ids, segment_len: int | None,
-                 use_cache: bool = True):
+                 use_cache: bool = True, segment_overflow: str = "push"):
         contexts = context_rows(context_ids)
         if not contexts or any(len(c) == 0 for c in contexts):
             raise ValueError("generate needs a non-empty context in every row")
+        if segment_overflow not in SEGMENT_OVERFLOW:
+            raise ValueError(f"segment_overflow must be one of {SEGMENT_OVERFLOW} (push: a full final segment goes "
+                             f"into the memory; extend: it grows while decoding), got {segment_overflow!r}")
         self.model, self.memory, self.use_cache = model, memory, use_cache
+        self.push_full = segment_overflow == "push"
         self.segment_len = segment_len if (memory.segmented and segment_len is not None) else None
         self.device = contexts[0].device
         seg = self.segment_len
@@ -268,7 +278,7 @@ class SegmentDecoder:
         seg = self.segment_len
         for i in indices:
             self.rows[i].tail = torch.cat([self.rows[i].tail, tokens[i].view(1, 1).to(self.rows[i].tail)], dim=1)
-        full = [i for i in indices if seg is not None and self.rows[i].tail.shape[1] > seg]
+        full = [i for i in indices if seg is not None and self.push_full and self.rows[i].tail.shape[1] > seg]
         if full:  # the segment is full: into the memory with it
             self._push(full)
         if self.use_cache:
@@ -337,6 +347,7 @@ def generate(
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    segment_overflow: str = "push",
 ) -> torch.Tensor:
     """Continue each row of `context_ids` by up to `max_new_tokens` tokens: a (B, T) tensor, or a sequence of B
     rows of any lengths (1-D tensors or lists of ids), decoded together with each row's own memory state; every
@@ -348,6 +359,8 @@ def generate(
                   (e.g. a stop string appeared); greedy and sampling only.
     num_beams:    > 1 runs beam search (deterministic; temperature/top-k/top-p are not used), scoring a
                   finished hypothesis by its summed log-probability / length ** length_penalty.
+    segment_overflow: "push" (a full final segment goes into the memory and decoding goes on in a new one) or
+                  "extend" (the final segment grows past segment_len while decoding); see the module docstring.
     Returns the new tokens (B, N), N <= max_new_tokens.
     """
     if max_new_tokens < 0:
@@ -356,12 +369,12 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if num_beams > 1:
         return _beam_search(model, memory, context_ids, segment_len, max_new_tokens, num_beams, length_penalty,
-                            eos, pad, use_cache)
+                            eos, pad, use_cache, segment_overflow)
     contexts = context_rows(context_ids)
     B, device = len(contexts), contexts[0].device
     if max_new_tokens == 0:
         return torch.empty(B, 0, dtype=torch.long, device=device)
-    decoder = SegmentDecoder(model, memory, contexts, segment_len, use_cache)
+    decoder = SegmentDecoder(model, memory, contexts, segment_len, use_cache, segment_overflow)
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
@@ -380,14 +393,14 @@ def generate(
 
 
 def _beam_search(model, memory, context_ids, segment_len, max_new_tokens, num_beams, length_penalty, eos, pad,
-                 use_cache) -> torch.Tensor:
+                 use_cache, segment_overflow="push") -> torch.Tensor:
     """Beam search per row: keep the `num_beams` best partial hypotheses; a hypothesis ending in an eos token
     is finished; a row is done when it has `num_beams` finished ones and no live beam can beat the best."""
     contexts = context_rows(context_ids)
     B, K, device = len(contexts), num_beams, contexts[0].device
     if max_new_tokens == 0:
         return torch.empty(B, 0, dtype=torch.long, device=device)
-    decoder = SegmentDecoder(model, memory, contexts, segment_len, use_cache)
+    decoder = SegmentDecoder(model, memory, contexts, segment_len, use_cache, segment_overflow)
     decoder.select(torch.arange(B, device=device).repeat_interleave(K))  # row b's beams are rows b*K .. b*K+K-1
     scores = torch.zeros(B, K, device=device)
     scores[:, 1:] = float("-inf")  # all beams start equal: expand only the first at step one

@@ -27,7 +27,8 @@ from stm.tasks.lm import LanguageModelTask
 
 log = logging.getLogger("stm")
 
-DECODING_KEYS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p", "length_penalty", "use_cache")
+DECODING_KEYS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p", "length_penalty", "use_cache",
+                 "segment_overflow")
 GENERATION_KEYS = (*DECODING_KEYS, "stop_strings", "batch_size")  # task.generation
 
 
@@ -46,7 +47,8 @@ class ConditionalLMTask(LanguageModelTask):
     conf/task/*.yaml; the defaults here are only the "off" values that let the class be built from Python.
 
     generation:          max_new_tokens (required), num_beams, temperature, top_k, top_p, length_penalty,
-                         use_cache (those left out: `stm.loop.generation.generate`'s defaults, greedy),
+                         use_cache, segment_overflow (those left out: `stm.loop.generation.generate`'s
+                         defaults, greedy),
                          stop_strings (the output is cut at the first one; decoding stops there), batch_size
                          (how many examples are decoded together, default 1: one at a time, with the same
                          outputs unless sampling, which draws for the batch at once).
