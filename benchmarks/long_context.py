@@ -8,7 +8,7 @@ an Austen novel (L = 4K, 8K, 16K, 32K, 64K of its tokens) and generates `--new-t
   (1,024 tokens and 4 attention sinks), `rmt`: stm's recurrent memory tokens (conf/memory/rmt.yaml; its memory
   tokens are untrained, a cost measurement only: their names are recorded, as eval.py's allow_untrained=true
   does). Each is built as eval.py builds it (the composed eval config: tokenizer, model, `build_memory`, the
-  config's seed) and decodes through stm's own generation (`stm.loop.generation.SegmentDecoder`, the loop of
+  config's seed) and decodes through stm's own generation (`stm.loop.decoder.SegmentDecoder`, the loop of
   `generate` with temperature 0): the context is read in segments of `--segment-len` (512) tokens, then the new
   tokens are decoded in the final segment.
 - `hf`: what a user would otherwise run: `model.generate(..., do_sample=False)` on the same LlamaForCausalLM

@@ -115,7 +115,8 @@ class StmSystem(_Base):
                  warmup: list[int]):
         super().__init__(overrides, vocab_size, threads)
         from stm.app.untrained import untrained_parameters
-        from stm.loop.generation import SegmentDecoder, sample_next
+        from stm.loop.decoder import SegmentDecoder
+        from stm.loop.generation import sample_next
         from stm.memory import build_memory
 
         self.name, self.segment_len = name, segment_len

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import save_tiny_llama
 
-from stm.loop.generation import SegmentDecoder
+from stm.loop.decoder import SegmentDecoder
 from stm.loop.segments import reads_segment_outputs, run_segments
 from stm.memory import (
     AssociativeMemory,

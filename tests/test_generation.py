@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import memory_names, save_tiny_llama, small_memory
 
-from stm.loop.generation import SegmentDecoder, generate, sample_next
+from stm.loop.decoder import SegmentDecoder
+from stm.loop.generation import generate, sample_next
 from stm.memory import (
     AssociativeMemory,
     ComposedMemory,

@@ -274,7 +274,7 @@ def test_every_mechanism_matches_stms_own_transformer(twins, stream, mechanism):
 def test_cached_decoding_on_hf_equals_rereading_and_stms_transformer(twins, stream, mechanism):
     """The key/value cache inside the final segment through `past_key_values`: step by step the same logits
     as re-reading the segment, and as stm's own transformer decoding the same tokens."""
-    from stm.loop.generation import SegmentDecoder
+    from stm.loop.decoder import SegmentDecoder
 
     ref, hf = twins
     torch.manual_seed(0)

@@ -112,7 +112,7 @@ def test_fresh_adapters_give_the_base_models_logits(llama_path, stream):
 def test_cached_decoding_and_generation_under_lora(llama_path, stream):
     """With trained (non-zero) adapters: the key/value cache inside a segment gives the logits of re-reading it,
     and stm's greedy decoding gives the tokens of peft's own `generate` over the same model."""
-    from stm.loop.generation import SegmentDecoder
+    from stm.loop.decoder import SegmentDecoder
 
     lora = HFCausalLM(llama_path, lora={"r": 4}).eval()
     perturb_adapters(lora)
