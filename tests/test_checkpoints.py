@@ -13,6 +13,7 @@ import torch
 from conftest import compose_config, run_script
 from omegaconf import DictConfig, OmegaConf
 
+from stm.app.checkpoint_config import apply_eval_overrides
 from stm.app.config import ConfigError
 from stm.app.resume import UntrustedCheckpointError
 from stm.app.run import build_components, evaluate, load_checkpoint_config, train
@@ -92,6 +93,24 @@ def test_a_checkpoint_of_a_run_is_plain_data_and_evaluates_to_its_recorded_metri
     recorded = checkpoint["stm"]["val_metrics"]
     for key in ("val/loss", "val/bpb"):
         assert math.isclose(metrics[key], recorded[key], rel_tol=1e-5), (key, metrics[key], recorded[key])
+
+
+def test_eval_overrides_change_the_data_and_decoding_of_a_run_config(tiny_run, tmp_path):
+    """eval.py's data_overrides and generation_overrides are merged into the run config it builds from; the rest
+    of task.generation stays; a generation override for a task that does not generate is refused, naming it."""
+    qa = compose_config("train", ["task=qa", "task.generation.max_new_tokens=7"], tmp_path / "qa")
+    eval_cfg = OmegaConf.create({"data_overrides": {"val_batch_size": 3},
+                                 "generation_overrides": {"segment_overflow": "extend"}})
+    before = OmegaConf.to_container(qa.task.generation)
+    run_cfg = apply_eval_overrides(qa, eval_cfg)
+    assert OmegaConf.to_container(run_cfg.task.generation) == {**before, "segment_overflow": "extend"}
+    assert before["segment_overflow"] == "push" and before["max_new_tokens"] == 7
+    assert run_cfg.data.val_batch_size == 3
+
+    lm_cfg, _ = load_checkpoint_config(tiny_run / "last.ckpt")
+    with pytest.raises(ConfigError, match=r"generation_overrides \(segment_overflow\): the task "
+                                          r"stm.tasks.LanguageModelTask has no task.generation to change"):
+        apply_eval_overrides(lm_cfg, eval_cfg)
 
 
 def test_eval_refuses_a_checkpoint_whose_pickle_runs_code(tiny_run, tmp_path):

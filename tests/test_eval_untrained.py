@@ -123,7 +123,8 @@ def test_overrides_a_checkpoint_would_replace_are_refused(tmp_path):
     """With ckpt_path, model/memory/task/tokenizer/data come from the checkpoint: overriding them is an error
     (before the file is even read), not silently unused."""
     with pytest.raises(ConfigError, match=r"ckpt_path=nowhere.ckpt: memory=xl, data.batch_size=4 would not be "
-                                          r"used: .*\+data_overrides.<key>=<value>, or drop ckpt_path"):
+                                          r"used: .*\+data_overrides.<key>=<value> \(its decoding with "
+                                          r"\+generation_overrides.<key>=<value>\), or drop ckpt_path"):
         run_eval(["ckpt_path=nowhere.ckpt", "memory=xl", "data.batch_size=4", "trainer.limit_val_batches=1"],
                  tmp_path)
     with pytest.raises(ConfigError, match="allow_untrained must be true or false, got 'yes'"):

@@ -147,4 +147,22 @@ def refuse_section_overrides(ckpt_path) -> None:
         raise ConfigError(
             f"ckpt_path={ckpt_path}: {', '.join(ignored)} would not be used: with a checkpoint, "
             f"{', '.join(STORED_SECTIONS)} come from the run config stored in it. Change its data with "
-            f"+data_overrides.<key>=<value>, or drop ckpt_path to evaluate the configured model as it is")
+            f"+data_overrides.<key>=<value> (its decoding with +generation_overrides.<key>=<value>), or drop "
+            f"ckpt_path to evaluate the configured model as it is")
+
+
+def apply_eval_overrides(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
+    """The run config that eval.py builds from: `run_cfg` (a checkpoint's stored config, or the composed one) with
+    eval.py's `data_overrides` merged into its data section and `generation_overrides` into its
+    `task.generation` (e.g. `+generation_overrides.segment_overflow=extend` for a checkpoint trained before
+    the option). A generation override for a task that does not generate is an error naming the task."""
+    if cfg.get("data_overrides"):
+        run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data_overrides)
+    overrides = cfg.get("generation_overrides")
+    if overrides:
+        if not isinstance(run_cfg.task.get("generation"), Mapping):
+            raise ConfigError(f"generation_overrides ({', '.join(map(str, overrides))}): the task "
+                              f"{run_cfg.task.get('_target_')} has no task.generation to change (it does not "
+                              f"generate text)")
+        run_cfg.task.generation = OmegaConf.merge(run_cfg.task.generation, overrides)
+    return run_cfg

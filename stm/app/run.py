@@ -31,6 +31,7 @@ from stm.app.checkpoint_config import (
     BUILT_FROM,
     REPLACED_BY_CHECKPOINT,
     STORED_SECTIONS,
+    apply_eval_overrides,
     check_stored_config,
     load_checkpoint_config,
     refuse_section_overrides,
@@ -212,8 +213,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         else:
             validate_train_config(cfg)
             run_cfg, recorded = cfg, {}
-        if cfg.get("data_overrides"):
-            run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data_overrides)
+        run_cfg = apply_eval_overrides(run_cfg, cfg)
         seed_everything(cfg.get("seed"))
         parts = build_components(run_cfg)
         untrained = check_trained(parts["task"], cfg) if not ckpt_path else []
